@@ -1,0 +1,382 @@
+"""Primitive layers of NVAE (VAEBM_SPEC.md §5.2), in NHWC layout.
+
+Convolutions are the one place where the backend matters: XLA:CPU runs depthwise convolutions
+(`feature_group_count` = channels) far slower than PyTorch (jax-ml/jax#23713) while a 1×1
+convolution written as a matrix product beats it. `conv2d` owns that choice; every module goes
+through it, and tests check that every implementation gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CONV_IMPLS = ("auto", "xla", "fast_cpu")
+BN_EPS = 1e-5
+# PyTorch momentum 0.05 == running = 0.95 * running + 0.05 * batch.
+BN_TORCH_MOMENTUM = 0.05
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """Maps 'auto' to the implementation that is fastest on the default backend."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "fast_cpu" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+# ----------------------------------------------------------------------------------------------
+# Depthwise convolution as k*k shifted multiply-adds, with a hand-written VJP that is itself made
+# of shifted multiply-adds (autodiff of slices would produce scatter-adds).
+# ----------------------------------------------------------------------------------------------
+
+
+def _shifted_sum(xp: jax.Array, w: jax.Array, height: int, width: int) -> jax.Array:
+  k = w.shape[0]
+  out = None
+  for i in range(k):
+    for j in range(k):
+      term = xp[:, i:i + height, j:j + width, :] * w[i, j]
+      out = term if out is None else out + term
+  return out
+
+
+@jax.custom_vjp
+def depthwise_conv_shifted(x: jax.Array, w: jax.Array) -> jax.Array:
+  """Stride-1 'same' depthwise conv. x: (B, H, W, C); w: (k, k, C) with k odd."""
+  p = (w.shape[0] - 1) // 2
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  return _shifted_sum(xp, w, x.shape[1], x.shape[2])
+
+
+def _depthwise_fwd(x, w):
+  return depthwise_conv_shifted(x, w), (x, w)
+
+
+def _depthwise_bwd(res, g):
+  x, w = res
+  k = w.shape[0]
+  p = (k - 1) // 2
+  height, width = x.shape[1], x.shape[2]
+  gp = jnp.pad(g, ((0, 0), (p, p), (p, p), (0, 0)))
+  dx = _shifted_sum(gp, w[::-1, ::-1], height, width)
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  dw = jnp.stack([
+      jnp.stack([jnp.sum(xp[:, i:i + height, j:j + width, :] * g, axis=(0, 1, 2)) for j in range(k)])
+      for i in range(k)
+  ])
+  return dx, dw.astype(w.dtype)
+
+
+depthwise_conv_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
+           groups: int = 1, impl: str = "auto") -> jax.Array:
+  """2-D convolution in NHWC with an HWIO kernel, PyTorch padding semantics.
+
+  Args:
+    x: (B, H, W, C_in).
+    kernel: (k, k, C_in // groups, C_out).
+    stride: 1 or 2.
+    padding: symmetric zero padding on both spatial axes.
+    groups: 1 (dense) or C_in (depthwise).
+    impl: 'xla' (lax.conv_general_dilated), 'fast_cpu' (1×1 as matmul, depthwise as shifted
+      multiply-adds) or 'auto' (fast_cpu on CPU, xla elsewhere).
+  Returns:
+    (B, H', W', C_out).
+  """
+  impl = resolve_conv_impl(impl)
+  k = kernel.shape[0]
+  if impl == "fast_cpu":
+    if k == 1 and groups == 1 and padding == 0:
+      return jnp.einsum("bhwi,io->bhwo", x[:, ::stride, ::stride, :], kernel[0, 0])
+    if groups > 1 and groups == x.shape[-1] == kernel.shape[-1] and stride == 1 and padding == (k - 1) // 2:
+      return depthwise_conv_shifted(x, kernel[:, :, 0, :])
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autoregressive masks (§5.4), built in PyTorch's (O, I, kH, kW) layout then moved to HWIO.
+# ----------------------------------------------------------------------------------------------
+
+
+def _channel_mask(c_in: int, g_in: int, c_out: int, zero_diag: bool) -> np.ndarray:
+  if g_in == 1:
+    mask = np.ones([c_out, c_in], dtype=np.float32)
+    if c_out >= c_in:
+      ratio = c_out // c_in
+      for i in range(c_in):
+        mask[i * ratio:(i + 1) * ratio, i + 1:] = 0
+        if zero_diag:
+          mask[i * ratio:(i + 1) * ratio, i:i + 1] = 0
+    else:
+      ratio = c_in // c_out
+      for i in range(c_out):
+        mask[i:i + 1, (i + 1) * ratio:] = 0
+        if zero_diag:
+          mask[i:i + 1, i * ratio:(i + 1) * ratio] = 0
+    return mask
+  if g_in == c_in:
+    return np.zeros([c_out, 1], np.float32) if zero_diag else np.ones([c_out, 1], np.float32)
+  raise ValueError("AR masks support groups == 1 or groups == C_in")
+
+
+@functools.lru_cache(maxsize=None)
+def autoregressive_mask(kernel_size: int, c_in: int, groups: int, c_out: int, zero_diag: bool,
+                        mirror: bool) -> np.ndarray:
+  """Raster-order causal mask in HWIO: rows above, the left of the centre row, channel order."""
+  m = (kernel_size - 1) // 2
+  mask = np.ones([c_out, c_in // groups, kernel_size, kernel_size], dtype=np.float32)
+  mask[:, :, m:, :] = 0
+  mask[:, :, m, :m] = 1
+  mask[:, :, m, m] = _channel_mask(c_in, groups, c_out, zero_diag)
+  if mirror:
+    mask = mask[:, :, ::-1, ::-1]
+  return np.ascontiguousarray(mask.transpose(2, 3, 1, 0))
+
+
+def torch_uniform_init(fan_in: int):
+  """PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def normalize_weight(kernel: jax.Array, log_weight_norm: jax.Array) -> jax.Array:
+  """w = exp(log g) · v / (‖v‖ + 1e-5), norm per output channel (last axis)."""
+  norm = jnp.sqrt(jnp.sum(kernel * kernel, axis=(0, 1, 2)))
+  return jnp.exp(log_weight_norm) * kernel / (norm + 1e-5)
+
+
+class Conv2D(nn.Module):
+  """NVAE's weight-normalised conv (§5.2); also the masked `ARConv2d` of the flows (§5.4).
+
+  The normalised weight is sown into the 'normalized_weights' collection so that the spectral
+  regulariser sees exactly the matrices the forward pass used.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  use_bias: bool = False
+  weight_norm: bool = True
+  groups: int = 1
+  ar_mask: Optional[tuple] = None  # (zero_diag, mirror) for masked autoregressive convs
+  log_norm_offset: float = 0.0     # log(weight_init_coeff) of the flows' output conv
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c_in = x.shape[-1]
+    k = self.kernel_size
+    fan_in = (c_in // self.groups) * k * k
+    kernel = self.param("kernel", torch_uniform_init(fan_in), (k, k, c_in // self.groups, self.features))
+    if self.ar_mask is not None:
+      zero_diag, mirror = self.ar_mask
+      kernel = kernel * jnp.asarray(autoregressive_mask(k, c_in, self.groups, self.features, zero_diag, mirror))
+    if self.weight_norm:
+      log_weight_norm = self.param(
+          "log_weight_norm",
+          lambda _: jnp.log(jnp.sqrt(jnp.sum(kernel * kernel, axis=(0, 1, 2))) + 1e-2) + self.log_norm_offset)
+      kernel = normalize_weight(kernel, log_weight_norm)
+    self.sow("normalized_weights", "kernel", kernel)
+    y = conv2d(x, kernel, stride=self.stride, padding=(k - 1) // 2,
+               groups=self.groups, impl=self.conv_impl)
+    if self.use_bias:
+      y = y + self.param("bias", torch_uniform_init(fan_in), (self.features,))
+    return y
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with PyTorch semantics: biased variance to normalise, unbiased to track, momentum 0.05.
+
+  Under `jax.jit` with a batch sharded over devices, the batch statistics are those of the global
+  batch, which is what SyncBatchNorm computes in the reference.
+  """
+  momentum: float = BN_TORCH_MOMENTUM
+  epsilon: float = BN_EPS
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x, axis=axes)
+      var = jnp.mean(jnp.square(x - mean), axis=axes)
+      if not self.is_initializing():
+        n = np.prod([x.shape[a] for a in axes])
+        unbiased = var * (n / max(n - 1, 1))
+        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * jax.lax.stop_gradient(mean)
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * jax.lax.stop_gradient(unbiased)
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+class SqueezeExcitation(nn.Module):
+  """SE: global average pool → Linear(C→max(C/16, 4)) → ReLU → Linear → sigmoid → scale."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    hidden = max(c // 16, 4)
+    s = jnp.mean(x, axis=(1, 2))
+    s = nn.Dense(hidden, kernel_init=torch_uniform_init(c), bias_init=torch_uniform_init(c), name="se_0")(s)
+    s = nn.relu(s)
+    s = nn.Dense(c, kernel_init=torch_uniform_init(hidden), bias_init=torch_uniform_init(hidden), name="se_2")(s)
+    return x * jax.nn.sigmoid(s)[:, None, None, :]
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
+  m = np.zeros((n_out, n_in), np.float32)
+  if n_in == 1:
+    m[:, 0] = 1.0
+    return m
+  src = np.arange(n_out) * (n_in - 1) / (n_out - 1)
+  lo = np.clip(np.floor(src).astype(int), 0, n_in - 2)
+  frac = (src - lo).astype(np.float32)
+  m[np.arange(n_out), lo] += 1 - frac
+  m[np.arange(n_out), lo + 1] += frac
+  return m
+
+
+def upsample_bilinear_align_corners(x: jax.Array) -> jax.Array:
+  """×2 bilinear upsampling with align_corners=True (PyTorch F.interpolate)."""
+  h, w = x.shape[1], x.shape[2]
+  mh = jnp.asarray(_align_corners_matrix(h, 2 * h))
+  mw = jnp.asarray(_align_corners_matrix(w, 2 * w))
+  return jnp.einsum("oh,bhwc,pw->bopc", mh, x, mw)
+
+
+class FactorizedReduce(nn.Module):
+  """Stride-2 skip: Swish, then four 1×1 stride-2 convs on shifted inputs, concatenated."""
+  features: int
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    q = self.features // 4
+    out = nn.swish(x)
+    conv = functools.partial(Conv2D, kernel_size=1, stride=2, use_bias=True, conv_impl=self.conv_impl)
+    return jnp.concatenate([
+        conv(q, name="conv_1")(out),
+        conv(q, name="conv_2")(out[:, 1:, 1:, :]),
+        conv(q, name="conv_3")(out[:, :, 1:, :]),
+        conv(self.features - 3 * q, name="conv_4")(out[:, 1:, :, :]),
+    ], axis=-1)
+
+
+class BNSwishConv(nn.Module):
+  """`res_bnswish`: BN-Swish → [nearest ×2] → Conv3×3 (bias, weight norm)."""
+  features: int
+  stride: int = 1  # 1, 2, or -1 for ×2 upsampling
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    out = nn.swish(BatchNorm(name="bn_act")(x, use_running_average=not train))
+    if self.stride == -1:
+      out = upsample_nearest(out)
+    return Conv2D(self.features, 3, stride=abs(self.stride), use_bias=True, conv_impl=self.conv_impl,
+                  name="conv_0")(out)
+
+
+class InvertedResidual(nn.Module):
+  """`mconv_e{ex}k{k}g0`: [nearest ×2] → BN → 1×1 expand, BN-Swish → depthwise k×k, BN-Swish →
+  1×1 project → BN. Convs have no weight norm and no bias."""
+  features: int
+  stride: int = 1
+  expansion: int = 6
+  kernel_size: int = 5
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    ura = not train
+    hidden = int(round(x.shape[-1] * self.expansion))
+    conv = functools.partial(Conv2D, weight_norm=False, use_bias=False, conv_impl=self.conv_impl)
+    if self.stride == -1:
+      x = upsample_nearest(x)
+    x = BatchNorm(name="bn_in")(x, use_running_average=ura)
+    x = conv(hidden, 1, name="conv_expand")(x)
+    x = nn.swish(BatchNorm(name="bn_expand")(x, use_running_average=ura))
+    x = conv(hidden, self.kernel_size, stride=abs(self.stride), groups=hidden, name="conv_depthwise")(x)
+    x = nn.swish(BatchNorm(name="bn_depthwise")(x, use_running_average=ura))
+    x = conv(self.features, 1, name="conv_project")(x)
+    return BatchNorm(name="bn_out")(x, use_running_average=ura)
+
+
+OPS = {
+    "res_bnswish": lambda c, s, impl, name: BNSwishConv(c, s, impl, name=name),
+    "mconv_e6k5g0": lambda c, s, impl, name: InvertedResidual(c, s, 6, 5, impl, name=name),
+    "mconv_e3k5g0": lambda c, s, impl, name: InvertedResidual(c, s, 3, 5, impl, name=name),
+}
+
+ARCH_CELLS = {
+    "res_mbconv": {
+        "normal_enc": ("res_bnswish", "res_bnswish"),
+        "down_enc": ("res_bnswish", "res_bnswish"),
+        "normal_dec": ("mconv_e6k5g0",),
+        "up_dec": ("mconv_e6k5g0",),
+        "normal_pre": ("res_bnswish", "res_bnswish"),
+        "down_pre": ("res_bnswish", "res_bnswish"),
+        "normal_post": ("mconv_e3k5g0",),
+        "up_post": ("mconv_e3k5g0",),
+    },
+    "res_bnswish": {t: ("res_bnswish", "res_bnswish") for t in (
+        "normal_enc", "down_enc", "normal_dec", "up_dec", "normal_pre", "down_pre", "normal_post", "up_post")},
+}
+
+
+def stride_for_cell_type(cell_type: str) -> int:
+  if cell_type.startswith("normal") or cell_type.startswith("combiner"):
+    return 1
+  if cell_type.startswith("down"):
+    return 2
+  if cell_type.startswith("up"):
+    return -1
+  raise ValueError(f"unknown cell type {cell_type!r}")
+
+
+class Cell(nn.Module):
+  """out = skip(s) + 0.1 · SE(ops(s)) (§5.2)."""
+  features: int
+  cell_type: str
+  arch: Sequence[str]
+  use_se: bool = True
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, s: jax.Array, train: bool) -> jax.Array:
+    stride = stride_for_cell_type(self.cell_type)
+    if stride == 1:
+      skip = s
+    elif stride == 2:
+      skip = FactorizedReduce(self.features, self.conv_impl, name="skip")(s)
+    else:
+      skip = Conv2D(self.features, 1, conv_impl=self.conv_impl, name="skip")(upsample_bilinear_align_corners(s))
+    out = s
+    for i, primitive in enumerate(self.arch):
+      out = OPS[primitive](self.features, stride if i == 0 else 1, self.conv_impl, f"ops_{i}")(out, train)
+    if self.use_se:
+      out = SqueezeExcitation(name="se")(out)
+    return skip + 0.1 * out
