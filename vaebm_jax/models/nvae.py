@@ -8,6 +8,7 @@ the deterministic map T_θ of §1.3 from standard-normal noise to latents and de
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -68,7 +69,7 @@ class CellAR(nn.Module):
     s = Conv2D(hidden, 5, groups=hidden, ar_mask=(False, self.mirror), conv_impl=self.conv_impl,
                name="convz_2")(s)
     s = nn.elu(s)
-    mu = Conv2D(self.num_z, 1, use_bias=True, ar_mask=(False, self.mirror), log_norm_offset=float(jnp.log(0.1)),
+    mu = Conv2D(self.num_z, 1, use_bias=True, ar_mask=(False, self.mirror), log_norm_offset=math.log(0.1),
                 conv_impl=self.conv_impl, name="mu")(nn.elu(s))
     return z - mu
 

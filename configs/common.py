@@ -1,0 +1,21 @@
+"""Config variants shared by every config file: `--config=configs/X.py:smoke`."""
+
+import ml_collections
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
+  """Applies a comma-separated list of variants. `smoke`: a run of a few steps on a tiny model."""
+  for variant in filter(None, (arg or "").split(",")):
+    if variant == "smoke":
+      m = config.model
+      m.update(num_channels_enc=8, num_channels_dec=8, num_groups_per_scale=min(m.num_groups_per_scale, 2),
+               num_latent_scales=min(m.num_latent_scales, 2), num_latent_per_group=4,
+               num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_preprocess_cells=1,
+               num_postprocess_cells=1, num_nf=min(m.num_nf, 1))
+      config.train.update(batch_size=16, num_train_steps=40, log_every_steps=10, image_every_steps=20,
+                          checkpoint_every_steps=10, eval_every_steps=20, num_eval_batches=2,
+                          eval_batch_size=32, num_image_samples=16)
+      config.optim.warmup_epochs = min(config.optim.warmup_epochs, 0.1)
+    else:
+      raise ValueError(f"unknown config variant {variant!r}; known: smoke")
+  return config

@@ -1,0 +1,43 @@
+"""A thin wrapper over orbax's CheckpointManager: state + the config as JSON, resume from latest."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves `{'state': pytree, 'config': json}` per step under `<workdir>/checkpoints`."""
+
+  def __init__(self, workdir: str, max_to_keep: Optional[int] = 3):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())))
+
+  def restore(self, target: Any, step: Optional[int] = None) -> Any:
+    """Restores the state into the structure, dtypes and shardings of `target` (e.g. eval_shape)."""
+    step = self.latest_step() if step is None else step
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return restored["state"]
+
+  def restore_config(self, step: Optional[int] = None) -> ml_collections.ConfigDict:
+    step = self.latest_step() if step is None else step
+    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return ml_collections.ConfigDict(restored["config"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

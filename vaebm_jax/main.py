@@ -1,0 +1,79 @@
+"""Entry point: `python -m vaebm_jax.main --config=configs/X.py --workdir=W --mode=MODE`.
+
+All logic lives in importable libraries (train_vae, evaluate, ...); this file parses flags, sets up
+devices, and dispatches. Modes: train_vae, summary.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10_vae.py[:smoke].",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and images.")
+flags.DEFINE_enum("mode", None, ["train_vae", "summary"],
+                  "What to run; default: train_vae for stage-1 configs.")
+flags.mark_flags_as_required(["config"])
+
+
+def _setup_devices(cpu_devices: int) -> None:
+  """Before JAX starts: on CPU, one simulated device per core (XLA:CPU runs a conv on one core)."""
+  import jax
+  if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu") and "xla_force_host_platform_device_count" not in \
+      os.environ.get("XLA_FLAGS", ""):
+    jax.config.update("jax_num_cpu_devices", cpu_devices or os.cpu_count() or 1)
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") or \
+      os.environ.get("TPU_WORKER_HOSTNAMES"):
+    jax.distributed.initialize()
+
+
+def _quiet_orbax() -> None:
+  """Orbax logs every checkpoint step at INFO; keep its warnings only."""
+  import logging as std_logging
+
+  class Filter(std_logging.Filter):
+    def filter(self, record):
+      return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+  for handler in std_logging.getLogger().handlers + [logging.get_absl_handler()]:
+    handler.addFilter(Filter())
+
+
+def main(argv):
+  _quiet_orbax()
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = FLAGS.config
+  _setup_devices(config.get("cpu_devices", 0))
+  import jax
+  logging.info("JAX process %d / %d, local devices: %s", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  mode = FLAGS.mode or ("train_vae" if config.stage == "vae" else "summary")
+
+  if mode == "summary":
+    from vaebm_jax import evaluate
+    print(evaluate.parameter_summary(config))
+    return
+  if FLAGS.workdir is None:
+    raise app.UsageError(f"--workdir is required for --mode={mode}")
+  if mode == "train_vae":
+    if config.stage != "vae":
+      raise app.UsageError(f"--mode=train_vae needs a stage-1 config (configs/*_vae.py), got stage {config.stage!r}")
+    from vaebm_jax import train_vae
+    train_vae.train_and_evaluate(config, FLAGS.workdir)
+
+
+def run():
+  from vaebm_jax.data import DatasetUnavailableError
+  try:
+    app.run(main)
+  except DatasetUnavailableError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  run()

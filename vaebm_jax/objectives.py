@@ -1,0 +1,135 @@
+"""Training objectives: NVAE's negative ELBO with KL warm-up and balancing, and the spectral and
+BN-γ regularisers (VAEBM_SPEC.md §5.6). Pure functions over arrays and pytrees.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+
+# ----------------------------------------------------------------------------------------------
+# KL warm-up, KL balancing, λ annealing
+# ----------------------------------------------------------------------------------------------
+
+
+def kl_coefficient(step, total_steps: int, anneal_portion: float = 0.3, const_portion: float = 1e-4,
+                   min_coeff: float = 1e-4):
+  """β(step) = max(min((step − c·T)/(a·T), 1), β_min)."""
+  anneal = max(anneal_portion * total_steps, 1.0)
+  return jnp.maximum(jnp.minimum((step - const_portion * total_steps) / anneal, 1.0), min_coeff)
+
+
+def kl_balancer_coefficients(groups_per_scale: Sequence[int], fun: str = "square") -> np.ndarray:
+  """Static α per group (top scale first): the scale i-th from the top gets (2^i)²/G_i, normalised
+  so the smallest is 1."""
+  num_scales = len(groups_per_scale)
+  coeffs = []
+  for i in range(num_scales):
+    g = groups_per_scale[num_scales - i - 1]
+    value = {"equal": 1.0, "linear": 2.0 ** i, "sqrt": math.sqrt(2 ** i), "square": (2 ** i) ** 2 / g}[fun]
+    coeffs += [value] * g
+  coeffs = np.asarray(coeffs, np.float32)
+  return coeffs / coeffs.min()
+
+
+def balanced_kl(kl_all: Sequence[jax.Array], beta, alpha: np.ndarray):
+  """KL balancing (active only while β < 1).
+
+  Args:
+    kl_all: per group, (B,).
+    beta: KL warm-up coefficient.
+    alpha: static per-group coefficients from `kl_balancer_coefficients`.
+  Returns:
+    (β · balanced KL per example (B,), per-group coefficients used (G,), per-group batch-mean KL (G,)).
+  """
+  kl = jnp.stack(kl_all, axis=1)                                   # B, G
+  kl_vals = jnp.mean(kl, axis=0)
+  coeff = jnp.mean(jnp.abs(kl), axis=0) + 0.01
+  coeff = coeff / alpha * jnp.sum(coeff)
+  coeff = jax.lax.stop_gradient(coeff / jnp.mean(coeff))
+  balance = beta < 1.0
+  coeff = jnp.where(balance, coeff, jnp.ones_like(coeff))
+  return beta * jnp.sum(kl * coeff, axis=1), coeff, kl_vals
+
+
+def annealed_norm_coefficient(beta, initial: float, final: float, anneal: bool):
+  """λ = exp((1 − β) log λ_init + β log λ_final) with annealing, else λ_final."""
+  if not anneal:
+    return jnp.asarray(final, jnp.float32)
+  return jnp.exp((1.0 - beta) * math.log(initial) + beta * math.log(final))
+
+
+# ----------------------------------------------------------------------------------------------
+# Spectral regulariser by power iteration (§3.1, §5.6). The u/v state lives in the train state.
+# ----------------------------------------------------------------------------------------------
+
+
+def _weight_matrices(normalized_weights: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """Groups the sown HWIO kernels by their (C_out, C_in·k·k) matrix shape; stacks each group."""
+  flat = traverse_util.flatten_dict(dict(normalized_weights), sep="/")
+  groups: dict[str, list] = {}
+  for name in sorted(flat):
+    for kernel in flat[name]:
+      matrix = jnp.transpose(kernel, (3, 2, 0, 1)).reshape(kernel.shape[3], -1)
+      groups.setdefault(f"{matrix.shape[0]}x{matrix.shape[1]}", []).append(matrix)
+  return {shape: jnp.stack(ms) for shape, ms in groups.items()}
+
+
+def _normalize(x: jax.Array, eps: float = 1e-3) -> jax.Array:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def _power_iterate(w: jax.Array, u: jax.Array, v: jax.Array, num_iter: int):
+  def body(_, uv):
+    u, v = uv
+    v = _normalize(jnp.einsum("nr,nrc->nc", u, w))
+    u = _normalize(jnp.einsum("nrc,nc->nr", w, v))
+    return u, v
+  return jax.lax.fori_loop(0, num_iter, body, (u, v))
+
+
+def init_spectral_state(key: jax.Array, normalized_weights: Mapping[str, Any], num_iter: int = 40):
+  """Random u, v per weight shape, refined by `num_iter` (10 × 4 in the reference) iterations."""
+  state = {}
+  for i, (shape, w) in enumerate(sorted(_weight_matrices(normalized_weights).items())):
+    ku, kv = jax.random.split(jax.random.fold_in(key, i))
+    u = _normalize(jax.random.normal(ku, w.shape[:2]))
+    v = _normalize(jax.random.normal(kv, (w.shape[0], w.shape[2])))
+    u, v = _power_iterate(jax.lax.stop_gradient(w), u, v, num_iter)
+    state[shape] = {"u": u, "v": v}
+  return state
+
+
+def spectral_norm_penalty(normalized_weights: Mapping[str, Any], state: Mapping[str, Any], num_iter: int = 4):
+  """Σ over all convs of σ_max(W) ≈ uᵀWv, with u, v advanced by `num_iter` power iterations.
+
+  Returns (penalty, new_state). σ is differentiable in W; u and v are held fixed.
+  """
+  total = 0.0
+  new_state = {}
+  for shape, w in _weight_matrices(normalized_weights).items():
+    u, v = _power_iterate(jax.lax.stop_gradient(w), state[shape]["u"], state[shape]["v"], num_iter)
+    total = total + jnp.sum(jnp.einsum("nr,nrc,nc->n", u, w, v))
+    new_state[shape] = {"u": u, "v": v}
+  return total, new_state
+
+
+def batchnorm_gamma_penalty(params: Mapping[str, Any]) -> jax.Array:
+  """Σ over BN layers of max|γ| (BN scales are the only 'scale' leaves in our models)."""
+  flat = traverse_util.flatten_dict(dict(params))
+  scales = [jnp.max(jnp.abs(v)) for k, v in flat.items() if k[-1] == "scale"]
+  return jnp.sum(jnp.stack(scales)) if scales else jnp.zeros(())
+
+
+def reconstruction_log_prob(decoder_dist, x: jax.Array, crop: int = 0) -> jax.Array:
+  """Σ log p(x|z) per example; `crop` pixels are dropped at each border (MNIST padded to 32)."""
+  log_prob = decoder_dist.log_prob(x)
+  if crop:
+    log_prob = log_prob[:, crop:-crop, crop:-crop]
+  return jnp.sum(log_prob.reshape(log_prob.shape[0], -1), axis=1)

@@ -1,0 +1,39 @@
+"""Data parallelism with jit + NamedSharding over a 1-D ('data',) mesh of all devices.
+
+Parameters and optimiser state are replicated; batches and chains are sharded along 'data'.
+Multi-host runs call `jax.distributed.initialize()` first (main.py) and use the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def create_mesh(devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
+  devices = list(devices) if devices is not None else jax.devices()
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+  if batch_size % mesh.size:
+    raise ValueError(f"batch size {batch_size} is not divisible by the {mesh.size} devices; "
+                     f"choose a multiple of {mesh.size} (e.g. --config.train.batch_size={mesh.size * max(1, batch_size // mesh.size)})")
+
+
+def shard_batch(local_batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+  """Assembles the global batch from this process's share, sharded along 'data'."""
+  return jax.make_array_from_process_local_data(data_sharded(mesh), np.asarray(local_batch))
