@@ -19,8 +19,8 @@ def get_config(arg: str = ""):
                       num_latent_scales=2, num_groups_per_scale=2, num_latent_per_group=8,
                       num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_preprocess_cells=1,
                       num_postprocess_cells=1, num_nf=0)
-  config.train.update(batch_size=64, epochs=4, log_every_steps=50, image_every_steps=1000,
-                      checkpoint_every_steps=500, eval_every_steps=1000, num_eval_batches=20,
+  config.train.update(batch_size=64, epochs=2, log_every_steps=50, image_every_steps=625,
+                      checkpoint_every_steps=250, eval_every_steps=625, num_eval_batches=40,
                       eval_batch_size=250)
   # Lower lr than the reference's 1e-2 at batch 256: NVAE issue #2 (NaNs with small batches).
   config.optim.update(learning_rate=5e-3, warmup_epochs=0.25)

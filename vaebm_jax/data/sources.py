@@ -71,17 +71,21 @@ def tfds_source(name: str, split: str, data_dir: str | None):
     builder = tfds.builder(tfds_name, data_dir=data_dir)
   except Exception as e:  # noqa: BLE001 - unknown name or broken install: say which
     raise DatasetUnavailableError(f"{name}: tfds cannot build {tfds_name!r} ({e})") from e
+  try:
+    return tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # noqa: BLE001 - offline tfds fails in several misleading ways; diagnose
+    cause = e
   where = builder.data_dir
   hint = (f"prepare it on a machine with internet access with `tfds build {tfds_name} "
           f"--file_format=array_record` (or tfds.builder('{tfds_name}', file_format='array_record')"
           f".download_and_prepare()) and copy the data_dir here, then pass --config.data.data_dir=DIR")
   if tfds_name.startswith("celeb_a_hq"):
     hint += "; CelebA-HQ needs a manual download first (see the tfds catalog page of celeb_a_hq)"
-  if not os.path.isdir(where) or not os.path.exists(os.path.join(where, "dataset_info.json")):
+  if not os.path.exists(os.path.join(where, "dataset_info.json")):
     raise DatasetUnavailableError(f"{name}: tfds dataset {tfds_name!r} is not prepared in {where}; {hint}.")
   file_format = str(getattr(builder.info, "file_format", "") or "")
   if "array_record" not in file_format.lower():
     raise DatasetUnavailableError(
         f"{name}: {tfds_name!r} in {where} is stored as {file_format or 'tfrecord'}, but tfds.data_source "
         f"needs ArrayRecord; {hint}.")
-  return tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)
+  raise DatasetUnavailableError(f"{name}: tfds.data_source failed for {tfds_name!r} in {where}: {cause}")
