@@ -7,11 +7,11 @@ the deterministic map T_θ of §1.3 from standard-normal noise to latents and de
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -84,7 +84,7 @@ class PairedCellAR(nn.Module):
     return CellAR(self.num_z, mirror=True, conv_impl=self.conv_impl, name="cell2")(z)
 
 
-@dataclasses.dataclass
+@flax.struct.dataclass
 class ElboOutput:
   logits: jax.Array
   log_q: jax.Array            # (B,) Σ log q(z|x) over groups and dims

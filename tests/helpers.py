@@ -1,0 +1,42 @@
+"""Small models and golden-file access shared by the tests."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from vaebm_jax.models.nvae import NVAE
+
+GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "reference",
+                      "vaebm_small_golden.npz")
+
+
+def tiny_nvae(**overrides) -> NVAE:
+  kw = dict(image_size=16, image_channels=1, num_channels_enc=8, num_channels_dec=8, num_latent_scales=2,
+            num_groups_per_scale=2, num_latent_per_group=4, num_cell_per_cond_enc=1, num_cell_per_cond_dec=1,
+            num_preprocess_cells=1, num_postprocess_cells=1, num_nf=1)
+  kw.update(overrides)
+  return NVAE(**kw)
+
+
+def golden():
+  if not os.path.exists(GOLDEN):
+    pytest.skip("reference outputs ../shared/reference/vaebm_small_golden.npz not present")
+  return np.load(GOLDEN)
+
+
+def golden_nvae(d) -> NVAE:
+  args = json.loads(str(d["meta/nvae_args"]))
+  return NVAE(image_size=32, image_channels=3, num_channels_enc=args["num_channels_enc"],
+              num_channels_dec=args["num_channels_dec"], num_latent_scales=args["num_latent_scales"],
+              num_groups_per_scale=args["num_groups_per_scale"], num_latent_per_group=args["num_latent_per_group"],
+              num_cell_per_cond_enc=args["num_cell_per_cond_enc"], num_cell_per_cond_dec=args["num_cell_per_cond_dec"],
+              num_preprocess_blocks=args["num_preprocess_blocks"], num_preprocess_cells=args["num_preprocess_cells"],
+              num_postprocess_blocks=args["num_postprocess_blocks"],
+              num_postprocess_cells=args["num_postprocess_cells"], num_nf=args["num_nf"],
+              use_se=args["use_se"], res_dist=args["res_dist"], arch_instance=args["arch_instance"])
+
+
+def nchw_to_nhwc(a):
+  return np.asarray(a).transpose(0, 2, 3, 1)
