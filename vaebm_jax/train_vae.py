@@ -104,7 +104,7 @@ def train_step(state: VAETrainState, batch: jax.Array, key: jax.Array, *, model:
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = VAETrainState(

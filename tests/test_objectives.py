@@ -1,0 +1,80 @@
+"""Objective and optimiser pieces against their formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vaebm_jax import objectives, optim
+
+
+def test_kl_warmup_schedule():
+  total = 10_000
+  np.testing.assert_allclose(objectives.kl_coefficient(0, total), 1e-4, rtol=1e-6)
+  np.testing.assert_allclose(objectives.kl_coefficient(1501, total), (1501 - 1) / 3000, rtol=1e-6)
+  assert float(objectives.kl_coefficient(3001, total)) == 1.0
+
+
+def test_kl_balancer_coefficients_square_rule():
+  # 2 scales: finest first in groups_per_scale; top scale (i=0) gets 1/G_top, next 4/G_fine.
+  alpha = objectives.kl_balancer_coefficients([4, 2], "square")
+  np.testing.assert_allclose(alpha, np.array([0.5, 0.5, 1, 1, 1, 1]) / 0.5)
+
+
+def test_balanced_kl_only_while_warming_up():
+  kl_all = [jnp.array([1.0, 3.0]), jnp.array([10.0, 30.0])]
+  alpha = np.array([1.0, 1.0], np.float32)
+  kl, coeff, vals = objectives.balanced_kl(kl_all, 0.5, alpha)
+  c = np.array([2.01, 20.01])
+  c = c * c.sum()
+  c = c / c.mean()
+  np.testing.assert_allclose(coeff, c, rtol=1e-5)
+  np.testing.assert_allclose(kl, 0.5 * (np.array([1.0, 3.0]) * c[0] + np.array([10.0, 30.0]) * c[1]), rtol=1e-5)
+  kl1, coeff1, _ = objectives.balanced_kl(kl_all, 1.0, alpha)
+  np.testing.assert_allclose(coeff1, [1.0, 1.0])
+  np.testing.assert_allclose(kl1, [11.0, 33.0])
+  np.testing.assert_allclose(vals, [2.0, 20.0])
+
+
+def test_spectral_penalty_converges_to_largest_singular_values():
+  key = jax.random.key(0)
+  w1 = jax.random.normal(key, (3, 3, 4, 8))
+  w2 = jax.random.normal(jax.random.fold_in(key, 1), (3, 3, 4, 8))
+  w3 = jax.random.normal(jax.random.fold_in(key, 2), (1, 1, 8, 5))
+  sown = {"a": {"kernel": (w1,)}, "b": {"kernel": (w2,)}, "c": {"kernel": (w3,)}}
+  state = objectives.init_spectral_state(jax.random.key(1), sown, num_iter=200)
+  penalty, _ = objectives.spectral_norm_penalty(sown, state, num_iter=4)
+  expected = sum(np.linalg.svd(np.asarray(w).transpose(3, 2, 0, 1).reshape(w.shape[3], -1), compute_uv=False)[0]
+                 for w in (w1, w2, w3))
+  np.testing.assert_allclose(penalty, expected, rtol=1e-3)
+  # σ = uᵀWv is differentiable in W with u, v fixed: its gradient is u vᵀ, of unit Frobenius norm
+  g = jax.grad(lambda w: objectives.spectral_norm_penalty({"c": {"kernel": (w,)}},
+                                                          {k: v for k, v in state.items() if k == "5x8"})[0])(w3)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(g)), 1.0, rtol=1e-3)
+
+
+def test_torch_adamax_formula():
+  """u = max(β₂u, |g| + eps); θ -= lr/(1 − β₁^t) · m/u, with coupled weight decay."""
+  tx = optim.nvae_optimizer(0.1, weight_decay=0.01, eps=1e-3)
+  params = {"w": jnp.array([1.0, -2.0, 0.5])}
+  state = tx.init(params)
+  m = np.zeros(3)
+  u = np.zeros(3)
+  theta = np.array([1.0, -2.0, 0.5])
+  for t, g in enumerate([np.array([0.1, -0.3, 0.0]), np.array([-0.2, 0.5, 1e-4])], start=1):
+    updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    params = optax.apply_updates(params, updates)
+    g = g + 0.01 * theta
+    m = 0.9 * m + 0.1 * g
+    u = np.maximum(0.999 * u, np.abs(g) + 1e-3)
+    theta = theta - 0.1 / (1 - 0.9 ** t) * m / u
+  np.testing.assert_allclose(params["w"], theta, rtol=1e-5)
+
+
+def test_learning_rate_warmup_then_cosine_per_epoch():
+  schedule = optim.nvae_learning_rate(1e-2, 1e-4, steps_per_epoch=10, epochs=12, warmup_epochs=2)
+  np.testing.assert_allclose(schedule(0), 0.0)
+  np.testing.assert_allclose(schedule(10), 5e-3, rtol=1e-6)
+  np.testing.assert_allclose(schedule(25), 1e-2, rtol=1e-6)              # epoch 2: cosine step 0
+  np.testing.assert_allclose(schedule(30), schedule(39), rtol=1e-6)      # constant within an epoch
+  np.testing.assert_allclose(schedule(119), 1e-4 + (1e-2 - 1e-4) * (1 + np.cos(np.pi * 9 / 9)) / 2, rtol=1e-5)
