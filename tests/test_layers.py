@@ -31,7 +31,7 @@ def test_every_conv_impl_gives_same_values_and_gradients(name, xs, ws, stride, p
     probe = jax.random.normal(kg, outs[impl].shape)
     grads[impl] = jax.grad(lambda x, w: jnp.sum(f(x, w) * probe), argnums=(0, 1))(x, w)
   np.testing.assert_allclose(outs["fast_cpu"], outs["xla"], rtol=1e-5, atol=1e-4)
-  for a, b in zip(grads["fast_cpu"], grads["xla"]):
+  for a, b in zip(grads["fast_cpu"], grads["xla"], strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 

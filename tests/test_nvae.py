@@ -147,7 +147,7 @@ def test_rematerialised_cells_give_same_gradients():
                            mutable=["batch_stats", "normalized_weights"])
       return jnp.sum(out.logits ** 2) + jnp.sum(out.log_q)
     grads.append(jax.grad(loss)(v["params"]))
-  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 

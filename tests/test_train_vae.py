@@ -5,7 +5,6 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -64,7 +63,7 @@ def test_step_on_four_devices_equals_step_on_one():
     results.append((jax.device_get(state.params), jax.device_get(state.batch_stats), float(metrics["loss"])))
   assert len(jax.devices()) == 4
   np.testing.assert_allclose(results[0][2], results[1][2], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(results[0][:2]), jax.tree.leaves(results[1][:2])):
+  for a, b in zip(jax.tree.leaves(results[0][:2]), jax.tree.leaves(results[1][:2]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -79,7 +78,7 @@ def test_non_finite_loss_skips_the_update():
   assert float(metrics["skipped"]) == 1.0
   assert int(after.step) == 1
   for a, b in zip(jax.tree.leaves((before.params, before.batch_stats, before.opt_state)),
-                  jax.tree.leaves(jax.device_get((after.params, after.batch_stats, after.opt_state)))):
+                  jax.tree.leaves(jax.device_get((after.params, after.batch_stats, after.opt_state))), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -91,7 +90,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
   assert checkpoint.Checkpointer(str(tmp_path / "resumed")).latest_step() == 2
   resumed = train_vae.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert int(resumed.step) == int(full.step) == 4
-  for a, b in zip(jax.tree.leaves(jax.device_get(full)), jax.tree.leaves(jax.device_get(resumed))):
+  for a, b in zip(jax.tree.leaves(jax.device_get(full)), jax.tree.leaves(jax.device_get(resumed)), strict=True):
     np.testing.assert_array_equal(a, b)
   # and the run left what a researcher looks at
   files = os.listdir(tmp_path / "full")

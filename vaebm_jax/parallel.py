@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -30,8 +31,9 @@ def data_sharded(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
   if batch_size % mesh.size:
-    raise ValueError(f"batch size {batch_size} is not divisible by the {mesh.size} devices; "
-                     f"choose a multiple of {mesh.size} (e.g. --config.train.batch_size={mesh.size * max(1, batch_size // mesh.size)})")
+    suggestion = mesh.size * max(1, batch_size // mesh.size)
+    raise ValueError(f"batch size {batch_size} is not divisible by the {mesh.size} devices; choose a multiple "
+                     f"of {mesh.size} (e.g. --config.train.batch_size={suggestion})")
 
 
 def shard_batch(local_batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:

@@ -251,7 +251,7 @@ class NVAE(nn.Module):
     s = self._initial_state(z_top.shape[0])
     z = z_top
     idx_dec = 0
-    for kind, cell in zip(self._dec_kinds, self.dec_tower):
+    for kind, cell in zip(self._dec_kinds, self.dec_tower, strict=True):
       if kind == "combiner":
         if idx_dec > 0:
           z = next_z(idx_dec, s)
@@ -288,7 +288,7 @@ class NVAE(nn.Module):
     for cell in self.pre_process:
       s = cell(s, train)
     combiners, combiner_inputs = [], []
-    for kind, cell in zip(self._enc_kinds, self.enc_tower):
+    for kind, cell in zip(self._enc_kinds, self.enc_tower, strict=True):
       if kind == "combiner":
         combiners.append(cell)
         combiner_inputs.append(s)
@@ -328,7 +328,7 @@ class NVAE(nn.Module):
 
     kl_all, kl_diag = [], []
     log_q = log_p = 0.0
-    for q, p, lq, lp in zip(all_q, all_p, all_log_q, all_log_p):
+    for q, p, lq, lp in zip(all_q, all_p, all_log_q, all_log_p, strict=True):
       kl_per_var = lq - lp if self.num_nf > 0 else q.kl(p)
       kl_diag.append(jnp.mean(jnp.sum(kl_per_var, axis=(1, 2)), axis=0))
       kl_all.append(jnp.sum(kl_per_var, axis=(1, 2, 3)))
@@ -365,7 +365,7 @@ class NVAE(nn.Module):
 def sample_latent_noise(key: jax.Array, model: NVAE, batch: int) -> list[jax.Array]:
   """Standard-normal ε_z for every latent group of `model`, top group first."""
   keys = jax.random.split(key, model.num_groups)
-  return [jax.random.normal(k, (batch,) + shape) for k, shape in zip(keys, model.latent_shapes())]
+  return [jax.random.normal(k, (batch,) + shape) for k, shape in zip(keys, model.latent_shapes(), strict=True)]
 
 
 def decode_from_eps(model: NVAE, variables: Any, eps_z: Sequence[jax.Array], eps_x: jax.Array,

@@ -3,7 +3,7 @@
 `nvae_variables_from_torch` maps a state_dict (name → numpy array) to this package's
 `{'params', 'batch_stats'}` for `NVAE`. Kernels go from OIHW to HWIO, `log_weight_norm` from
 (C, 1, 1, 1) to (C,), `prior_ftr0` from CHW to HWC, BN `running_*` into 'batch_stats'. The
-reference loads with `strict=False`, which can skip tensors silently (VAEBM_SPEC.md §9.15); here
+reference loads with `strict=True`, which can skip tensors silently (VAEBM_SPEC.md §9.15); here
 `check_against` compares every converted tensor with the model's own variables and fails on any
 missing, extra or mis-shaped one.
 """
