@@ -194,6 +194,7 @@ class Conv2D(nn.Module):
   groups: int = 1
   ar_mask: Optional[tuple] = None  # (zero_diag, mirror) for masked autoregressive convs
   log_norm_offset: float = 0.0     # log(weight_init_coeff) of the flows' output conv
+  data_init: bool = False          # data-dependent init (VAEBM_SPEC.md §3.2): outputs mean 0, std 0.2
   conv_impl: str = "auto"
 
   @nn.compact
@@ -201,20 +202,36 @@ class Conv2D(nn.Module):
     c_in = x.shape[-1]
     k = self.kernel_size
     fan_in = (c_in // self.groups) * k * k
+    conv = functools.partial(conv2d, stride=self.stride, padding=(k - 1) // 2, groups=self.groups,
+                             impl=self.conv_impl)
     kernel = self.param("kernel", torch_uniform_init(fan_in), (k, k, c_in // self.groups, self.features))
     if self.ar_mask is not None:
       zero_diag, mirror = self.ar_mask
       kernel = kernel * jnp.asarray(autoregressive_mask(k, c_in, self.groups, self.features, zero_diag, mirror))
+    init_stats = None
+    if self.data_init and self.is_initializing():
+      # Linen's init runs the real forward pass on real data: the statistics of this conv's output
+      # with the unit-norm direction set the gain and bias (torch.std is the unbiased one).
+      direction = kernel / (jnp.sqrt(jnp.sum(kernel * kernel, axis=(0, 1, 2))) + 1e-5)
+      out = conv(x, direction)
+      mean = jnp.mean(out, axis=(0, 1, 2))
+      n = out.size // out.shape[-1]
+      std5 = 5.0 * jnp.sqrt(jnp.sum(jnp.square(out - mean), axis=(0, 1, 2)) / max(n - 1, 1))
+      init_stats = (mean, std5)
     if self.weight_norm:
-      log_weight_norm = self.param(
-          "log_weight_norm",
-          lambda _: jnp.log(jnp.sqrt(jnp.sum(kernel * kernel, axis=(0, 1, 2))) + 1e-2) + self.log_norm_offset)
-      kernel = normalize_weight(kernel, log_weight_norm)
+      if init_stats is not None:
+        lwn_init = lambda _: -jnp.log(init_stats[1] + 1e-5)
+      else:
+        lwn_init = lambda _: jnp.log(jnp.sqrt(jnp.sum(kernel * kernel, axis=(0, 1, 2))) + 1e-2) + self.log_norm_offset
+      kernel = normalize_weight(kernel, self.param("log_weight_norm", lwn_init))
     self.sow("normalized_weights", "kernel", kernel)
-    y = conv2d(x, kernel, stride=self.stride, padding=(k - 1) // 2,
-               groups=self.groups, impl=self.conv_impl)
+    y = conv(x, kernel)
     if self.use_bias:
-      y = y + self.param("bias", torch_uniform_init(fan_in), (self.features,))
+      if init_stats is not None:
+        bias_init = lambda _: -init_stats[0] / (init_stats[1] + 1e-5)
+      else:
+        bias_init = lambda key: torch_uniform_init(fan_in)(key, (self.features,))
+      y = y + self.param("bias", bias_init)
     return y
 
 

@@ -1,0 +1,208 @@
+"""VAEBM sampling in the VAE's reparameterised noise space (VAEBM_SPEC.md §1.3, §1.4, §2, §3.3).
+
+Pure functions: the potentials U(ε), one Langevin update, a `jax.lax.scan` chain, the public
+`sample_fn`, and a replay buffer of ε_z kept on device.
+
+Langevin update (§2): ε ← ε − (η/2)·∇_ε U(ε) + √η·ξ over ε_z and ε_x jointly, with the VAE in
+eval-mode BN and both networks frozen; the gradient is that of Σ_b U(ε_b) w.r.t. ε only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vaebm_jax.models import nvae as nvae_lib
+
+POTENTIALS = ("code", "paper")
+
+
+def potential_fn(eps_z: Sequence[jax.Array], eps_x: jax.Array, params: Any, *, vae: nvae_lib.NVAE,
+                 ebm: nn.Module, potential: str = "code", temperature: float = 1.0):
+  """U(ε) per sample, and the energy E(x) of the decoded image.
+
+  potential='code' (default, the reference implementation's): U = E(x) − log p(z) − log p(x|z), with
+    x = (clip(μ_x + σ_x ε_x, −1, 1) + 1)/2 and p(x|z) using the floored σ' (§1.4).
+  potential='paper': U = E(T(ε)) + ½‖ε‖² over all of ε_z and ε_x.
+
+  Returns:
+    (U, E), each of shape (B,).
+  """
+  out = nvae_lib.decode_from_eps(vae, params["vae"], eps_z, eps_x, temperature)
+  energy = ebm.apply(params["ebm"], out["x"])
+  if potential == "code":
+    return energy - out["log_p_z"] - out["log_p_x_given_z"], energy
+  if potential == "paper":
+    sq = sum(jnp.sum(jnp.square(e).reshape(e.shape[0], -1), axis=1) for e in list(eps_z) + [eps_x])
+    return energy + 0.5 * sq, energy
+  raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
+
+
+def langevin_step(eps, key: jax.Array, grad_fn: Callable, step_size: float):
+  """One update ε ← ε − (η/2)∇U + √η ξ for a pytree ε; `grad_fn(ε) → (∇ Σ U, aux)`."""
+  grads, aux = grad_fn(eps)
+  leaves, treedef = jax.tree.flatten(eps)
+  keys = jax.random.split(key, len(leaves))
+  noise = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves,
+                                                                                                strict=True)])
+  new = jax.tree.map(lambda e, g, n: e - 0.5 * step_size * g + jnp.sqrt(step_size) * n, eps, grads, noise)
+  return new, aux
+
+
+def langevin_chain(eps, key: jax.Array, potential: Callable, *, num_steps: int, step_size: float,
+                   unroll: int | bool = 1):
+  """Runs `num_steps` Langevin updates as one `jax.lax.scan`.
+
+  Args:
+    eps: pytree of chain states (each leaf batched on axis 0).
+    potential: ε → (U per sample, aux per sample).
+    unroll: passed to lax.scan (True unrolls fully; XLA:CPU runs unrolled convolutions faster).
+  Returns:
+    (final ε, per-step mean U (num_steps,), per-step aux (num_steps, B)).
+  """
+  def summed(e):
+    u, aux = potential(e)
+    return jnp.sum(u), (u, aux)
+
+  grad_fn = lambda e: (lambda g_aux: (g_aux[1], g_aux[0][1]))(jax.value_and_grad(summed, has_aux=True)(e))
+
+  def body(e, k):
+    e, (u, aux) = langevin_step(e, k, grad_fn, step_size)
+    return e, (jnp.mean(u), aux)
+
+  final, (energies, aux) = jax.lax.scan(body, eps, jax.random.split(key, num_steps), unroll=unroll)
+  return final, energies, aux
+
+
+def _shard(x: jax.Array) -> jax.Array:
+  """Shards axis 0 over all devices when it divides evenly (a no-op on one device)."""
+  n = jax.device_count()
+  if n == 1 or x.shape[0] % n:
+    return x
+  mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  spec = jax.sharding.PartitionSpec("data", *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+def initial_noise(key: jax.Array, vae: nvae_lib.NVAE, num_samples: int):
+  """Fresh ε_z (one array per latent group, top first) and ε_x ~ N(0, I)."""
+  k_z, k_x = jax.random.split(key)
+  eps_z = [_shard(e) for e in nvae_lib.sample_latent_noise(k_z, vae, num_samples)]
+  eps_x = _shard(jax.random.normal(k_x, (num_samples, vae.image_size, vae.image_size, vae.image_channels)))
+  return eps_z, eps_x
+
+
+def sample_fn(key: jax.Array, params: Any, *, vae: nvae_lib.NVAE, ebm: nn.Module, num_samples: int,
+              num_steps: int, step_size: float, potential: str = "code", temperature: float = 1.0,
+              unroll: int | bool = 1, clip: bool = True, return_eps: bool = False,
+              return_energies: bool = False):
+  """Draws VAEBM samples: ε-space Langevin from N(0, I), then the decoder mean (§1.5).
+
+  A pure function of (key, params); `vae` and `ebm` are static modules, so wrap it as
+  `jax.jit(functools.partial(sample_fn, vae=..., ebm=..., num_samples=..., num_steps=..., step_size=...))`.
+  Samples are split across all devices when `num_samples` divides by the device count, and are the
+  same for a key whatever the number of devices.
+
+  Args:
+    key: PRNG key.
+    params: {'vae': NVAE variables (params, batch_stats), 'ebm': energy-net variables}.
+    num_steps, step_size: Langevin steps K and η (§2 table; η/2 multiplies ∇U, √η the noise).
+    potential: 'code' (default) or 'paper' (§1.4).
+    temperature: prior temperature t (VAEBM uses 1).
+    unroll: lax.scan unroll of the chain.
+    clip: clip the mean image to [0, 1] (the reference instead min-max rescales each image when saving).
+    return_eps, return_energies: also return the final (ε_z, ε_x) and the per-step mean U.
+  Returns:
+    images (num_samples, H, W, C) in [0, 1], plus the requested extras in a dict.
+  """
+  k_init, k_chain = jax.random.split(key)
+  eps = initial_noise(k_init, vae, num_samples)
+  potential_of = lambda e: potential_fn(e[0], e[1], params, vae=vae, ebm=ebm, potential=potential,
+                                        temperature=temperature)
+  eps, energies, _ = langevin_chain(eps, k_chain, potential_of, num_steps=num_steps, step_size=step_size,
+                                    unroll=unroll)
+  eps_z, eps_x = eps
+  images = nvae_lib.decode_from_eps(vae, params["vae"], eps_z, eps_x, temperature)["mean"]
+  if clip:
+    images = jnp.clip(images, 0.0, 1.0)
+  if not (return_eps or return_energies):
+    return images
+  extras = {}
+  if return_eps:
+    extras["eps_z"], extras["eps_x"] = eps_z, eps_x
+  if return_energies:
+    extras["energies"] = energies
+  return images, extras
+
+
+# ----------------------------------------------------------------------------------------------
+# Replay buffer of ε_z (§3.3): FIFO ring on device, linear probability anneal. ε_x is never stored.
+# ----------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class ReplayBuffer:
+  eps_z: list          # per latent group: (capacity, H, W, C)
+  size: jax.Array      # number of filled entries
+  pointer: jax.Array   # next slot to write (the oldest entry once full)
+
+  @property
+  def capacity(self) -> int:
+    return self.eps_z[0].shape[0]
+
+
+def init_replay_buffer(vae: nvae_lib.NVAE, capacity: int) -> ReplayBuffer:
+  return ReplayBuffer([jnp.zeros((capacity,) + s, jnp.float32) for s in vae.latent_shapes()],
+                      jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def replay_probability(step, p_max: float, anneal_steps: int):
+  """p = min(p_max, p_max · step / anneal_steps)."""
+  return jnp.minimum(p_max, p_max * step / max(anneal_steps, 1))
+
+
+def sample_initial_eps_z(buffer: ReplayBuffer, key: jax.Array, fresh: Sequence[jax.Array], probability):
+  """Each slot comes from the buffer with probability p (drawn uniformly without replacement from
+  the filled entries); replayed samples come first in the batch, fresh N(0, I) fill the rest.
+
+  Returns (ε_z per group, number replayed).
+  """
+  batch = fresh[0].shape[0]
+  k_slots, k_pick = jax.random.split(key)
+  wanted = jnp.sum(jax.random.bernoulli(k_slots, probability, (batch,)))
+  num_replayed = jnp.minimum(wanted, buffer.size)
+  scores = jnp.where(jnp.arange(buffer.capacity) < buffer.size,
+                     jax.random.uniform(k_pick, (buffer.capacity,)), jnp.inf)
+  picked = jnp.argsort(scores)[:batch] if buffer.capacity >= batch else \
+      jnp.concatenate([jnp.argsort(scores), jnp.zeros(batch - buffer.capacity, jnp.int32)])
+  use_buffer = jnp.arange(batch) < num_replayed
+  eps_z = [jnp.where(use_buffer.reshape((-1,) + (1,) * (f.ndim - 1)), b[picked], f)
+           for b, f in zip(buffer.eps_z, fresh, strict=True)]
+  return eps_z, num_replayed
+
+
+def push_replay_buffer(buffer: ReplayBuffer, eps_z: Sequence[jax.Array]) -> ReplayBuffer:
+  """Appends all B final ε_z; beyond the capacity the oldest entries are overwritten."""
+  batch = eps_z[0].shape[0]
+  slots = (buffer.pointer + jnp.arange(batch)) % buffer.capacity
+  new = [b.at[slots].set(e) for b, e in zip(buffer.eps_z, eps_z, strict=True)]
+  return ReplayBuffer(new, jnp.minimum(buffer.size + batch, buffer.capacity),
+                      (buffer.pointer + batch) % buffer.capacity)
+
+
+def load_vaebm(workdir: str, step: Optional[int] = None):
+  """Restores a stage-2 workdir: (vae module, ebm module, params, sampling settings).
+
+  `params = {'vae': ..., 'ebm': ...}` and `settings` (num_steps, step_size, potential, temperature)
+  plug straight into `sample_fn`.
+  """
+  from vaebm_jax import train_ebm
+  return train_ebm.load_vaebm(workdir, step)
+
+
+__all__ = ["POTENTIALS", "ReplayBuffer", "init_replay_buffer", "langevin_chain", "langevin_step", "load_vaebm",
+           "potential_fn", "push_replay_buffer", "replay_probability", "sample_fn", "sample_initial_eps_z"]
