@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -25,8 +26,17 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())))
 
   def restore(self, target: Any, step: Optional[int] = None) -> Any:
-    """Restores the state into the structure, dtypes and shardings of `target` (e.g. eval_shape)."""
+    """Restores the state into the structure, dtypes and shardings of `target` (e.g. eval_shape).
+
+    Leaves without a sharding are restored replicated over this process's devices, so a checkpoint
+    written on one device topology loads on another.
+    """
     step = self.latest_step() if step is None else step
+    replicated = jax.sharding.NamedSharding(
+        jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)),
+        jax.sharding.PartitionSpec())
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or replicated), target)
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return restored["state"]
 

@@ -1,6 +1,10 @@
-"""Modes that inspect or evaluate models: parameter summaries (more in stage 2)."""
+"""Modes that inspect or use trained models: parameter summaries and sampling to files."""
 
 from __future__ import annotations
+
+import functools
+import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +34,27 @@ def nvae_parameter_table(model: nvae.NVAE) -> tuple[list[tuple[str, int]], int, 
   return sorted(groups.items()), _count(shapes), decoder
 
 
+def ebm_parameter_table(ebm) -> tuple[list[tuple[str, int]], int]:
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  shapes = jax.eval_shape(lambda x: ebm.init(jax.random.key(0), x), x)["params"]
+  return [(name, _count(sub)) for name, sub in shapes.items()], _count(shapes)
+
+
 def parameter_summary(config: ml_collections.ConfigDict) -> str:
-  """A parameter overview of the configured models, ending with `total_params: N` per model."""
+  """A parameter overview of the configured models, ending with a `total_params: N` line per model.
+
+  For a stage-2 config, the NVAE's architecture comes from the stage-1 workdir's saved config when it
+  exists, otherwise from the stage-1 config file of the same dataset.
+  """
   lines = []
+  if config.stage == "ebm":
+    from vaebm_jax import train_ebm
+    ebm = train_ebm.create_ebm(config)
+    table, total = ebm_parameter_table(ebm)
+    lines.append(f"model: energy network ({config.ebm.architecture}, n_channel={config.ebm.n_channel})")
+    lines += [f"  {name:<20s} {n:>14,d}" for name, n in table]
+    lines.append(f"total_params: {total}")
+    return "\n".join(lines)
   model = nvae.NVAE(**config.model.to_dict())
   table, total, decoder = nvae_parameter_table(model)
   lines.append(f"model: nvae ({config.data.name}); latent groups (H, W, C) top first: "
@@ -41,3 +63,28 @@ def parameter_summary(config: ml_collections.ConfigDict) -> str:
   lines.append(f"  {'decoder path':<20s} {decoder:>14,d}")
   lines.append(f"total_params: {total}")
   return "\n".join(lines)
+
+
+def sample_to_files(workdir: str, num_samples: int, batch_size: int, seed: int = 0) -> str:
+  """--mode=sample: draws `num_samples` VAEBM samples in batches from a stage-2 workdir; writes
+  `samples/samples.npz` (uint8 NHWC and float images) and PNG grids of each batch. Returns the folder."""
+  from vaebm_jax import sampling, visualize
+  from vaebm_jax.train_ebm import load_vaebm
+  vae, ebm, params, settings = load_vaebm(workdir)
+  batch_size = min(batch_size, num_samples)
+  draw = jax.jit(functools.partial(sampling.sample_fn, vae=vae, ebm=ebm, num_samples=batch_size, **settings))
+  out_dir = os.path.join(workdir, "samples")
+  key = jax.random.key(seed)
+  images = []
+  start = time.time()
+  for i in range(-(-num_samples // batch_size)):
+    batch = np.asarray(draw(jax.random.fold_in(key, i), params))
+    images.append(batch)
+    visualize.save_png(visualize.make_grid(batch), os.path.join(out_dir, f"grid_{i:04d}.png"))
+    done = min((i + 1) * batch_size, num_samples)
+    elapsed = time.time() - start
+    print(f"sampled {done}/{num_samples} ({elapsed:.1f} s, {done / elapsed:.2f} images/s)", flush=True)
+  images = np.concatenate(images)[:num_samples]
+  np.savez_compressed(os.path.join(out_dir, "samples.npz"), images=images,
+                      uint8=(np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8))
+  return out_dir

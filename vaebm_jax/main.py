@@ -1,7 +1,7 @@
 """Entry point: `python -m vaebm_jax.main --config=configs/X.py --workdir=W --mode=MODE`.
 
 All logic lives in importable libraries (train_vae, evaluate, ...); this file parses flags, sets up
-devices, and dispatches. Modes: train_vae, summary.
+devices, and dispatches. Modes: train_vae, train_ebm, sample, summary.
 """
 
 import os
@@ -14,8 +14,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10_vae.py[:smoke].",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and images.")
-flags.DEFINE_enum("mode", None, ["train_vae", "summary"],
-                  "What to run; default: train_vae for stage-1 configs.")
+flags.DEFINE_enum("mode", None, ["train_vae", "train_ebm", "sample", "summary"],
+                  "What to run; default: train_vae for stage-1 configs, train_ebm for stage-2 configs.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -51,7 +51,7 @@ def main(argv):
   import jax
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  mode = FLAGS.mode or ("train_vae" if config.stage == "vae" else "summary")
+  mode = FLAGS.mode or ("train_vae" if config.stage == "vae" else "train_ebm")
 
   if mode == "summary":
     from vaebm_jax import evaluate
@@ -64,13 +64,22 @@ def main(argv):
       raise app.UsageError(f"--mode=train_vae needs a stage-1 config (configs/*_vae.py), got stage {config.stage!r}")
     from vaebm_jax import train_vae
     train_vae.train_and_evaluate(config, FLAGS.workdir)
+  elif mode == "train_ebm":
+    if config.stage != "ebm":
+      raise app.UsageError(f"--mode=train_ebm needs a stage-2 config (configs/*_ebm.py), got stage {config.stage!r}")
+    from vaebm_jax import train_ebm
+    train_ebm.train_and_evaluate(config, FLAGS.workdir)
+  elif mode == "sample":
+    from vaebm_jax import evaluate
+    evaluate.sample_to_files(FLAGS.workdir, config.sample.num_samples, config.sample.batch_size, config.seed)
 
 
 def run():
   from vaebm_jax.data import DatasetUnavailableError
+  from vaebm_jax.train_ebm import WorkdirError
   try:
     app.run(main)
-  except DatasetUnavailableError as e:
+  except (DatasetUnavailableError, WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

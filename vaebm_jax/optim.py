@@ -63,3 +63,33 @@ def nvae_optimizer(learning_rate, weight_decay: float = 3e-4, b1: float = 0.9, b
       scale_by_torch_adamax(b1, b2, eps),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def igebm_clip(inner: optax.GradientTransformation, b2: float = 0.999) -> optax.GradientTransformation:
+  """IGEBM's per-element gradient clip in front of an Adam-based `inner` (VAEBM_SPEC.md §3.2).
+
+  Every element is clamped to ±(3·sqrt(v̂) + 0.1) with v̂ = ν/(1 − β₂^t) read from `inner`'s Adam
+  state *before* this step; the clip is skipped at the first step (t = 0). It acts on the raw
+  gradient, so it must come before any weight decay inside `inner`.
+  """
+
+  def init_fn(params):
+    return inner.init(params)
+
+  def update_fn(updates, state, params=None):
+    count = optax.tree_utils.tree_get(state, "count")
+    nu = optax.tree_utils.tree_get(state, "nu")
+    correction = 1.0 - b2 ** jnp.maximum(count, 1).astype(jnp.float32)
+    bound = jax.tree.map(lambda v: 3.0 * jnp.sqrt(v / correction) + 0.1, nu)
+    clipped = jax.tree.map(lambda g, b: jnp.where(count >= 1, jnp.clip(g, -b, b), g), updates, bound)
+    return inner.update(clipped, state, params)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def ebm_optimizer(learning_rate: float, weight_decay: float = 3e-5, b1: float = 0.99, b2: float = 0.999,
+                  eps: float = 1e-8, clip: bool = True) -> optax.GradientTransformation:
+  """VAEBM's EBM optimiser: [IGEBM clip →] coupled L2 → Adam(0.99, 0.999) → constant lr (§9.10)."""
+  adam = optax.chain(optax.add_decayed_weights(weight_decay), optax.scale_by_adam(b1, b2, eps),
+                     optax.scale_by_learning_rate(learning_rate))
+  return igebm_clip(adam, b2) if clip else adam

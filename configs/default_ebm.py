@@ -1,0 +1,60 @@
+"""Shared defaults of every stage-2 (EBM) config (VAEBM_SPEC.md §2, §3). Per-dataset files override.
+
+`vae_workdir` must point at a finished stage-1 run of the same dataset.
+"""
+
+import ml_collections
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.stage = "ebm"
+  config.seed = 0
+  config.cpu_devices = 0
+  config.vae_workdir = ml_collections.config_dict.placeholder(str)
+
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "cifar10"
+  data.data_dir = ml_collections.config_dict.placeholder(str)
+  data.random_flip = True
+
+  # EnergyNet(architecture, n_channel, data_init, conv_impl)
+  config.ebm = ebm = ml_collections.ConfigDict()
+  ebm.architecture = "cifar10"       # block list (VAEBM_SPEC.md §4)
+  ebm.n_channel = 128
+  ebm.data_init = True
+  ebm.data_init_batches = 5          # 5 × 32 = 160 real images
+  ebm.conv_impl = "auto"
+
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 32
+  train.learning_rate = 4e-5         # constant; Adam(0.99, 0.999), coupled L2
+  train.weight_decay = 3e-5
+  train.alpha_s = 0.2                # spectral regulariser coefficient
+  train.grad_clip = True             # IGEBM clip (on by default in the reference)
+  train.use_mu_cd = False            # negatives: decoder mean (True) or sample (False)
+  train.num_train_steps = 30_000
+  train.log_every_steps = 50
+  train.image_every_steps = 500
+  train.checkpoint_every_steps = 500
+  train.keep_checkpoints = 10        # "training eventually explodes": keep several to choose from
+  train.num_image_samples = 64
+
+  config.langevin = lv = ml_collections.ConfigDict()
+  lv.train_steps = 10
+  lv.test_steps = 16
+  lv.step_size = 8e-5                # η: ε ← ε − η/2 ∇U + √η ξ
+  lv.potential = "code"              # code | paper (VAEBM_SPEC.md §1.4)
+  lv.temperature = 1.0
+  lv.unroll = 1                      # lax.scan unroll of the chain
+
+  config.buffer = buf = ml_collections.ConfigDict()
+  buf.use = False
+  buf.p_max = 0.6
+  buf.anneal_steps = 5000
+  buf.size = 10_000
+
+  config.sample = sample = ml_collections.ConfigDict()   # --mode=sample
+  sample.num_samples = 100
+  sample.batch_size = 20
+  return config
