@@ -78,28 +78,30 @@ def langevin_chain(eps, key: jax.Array, potential: Callable, *, num_steps: int, 
   return final, energies, aux
 
 
-def _shard(x: jax.Array) -> jax.Array:
-  """Shards axis 0 over all devices when it divides evenly (a no-op on one device)."""
-  n = jax.device_count()
-  if n == 1 or x.shape[0] % n:
+def _shard(x: jax.Array, mesh: Optional[jax.sharding.Mesh]) -> jax.Array:
+  """Shards axis 0 over the mesh's 'data' axis when it divides evenly (a no-op on one device)."""
+  if mesh is None or mesh.size == 1 or x.shape[0] % mesh.size:
     return x
-  mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   spec = jax.sharding.PartitionSpec("data", *([None] * (x.ndim - 1)))
   return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
 
-def initial_noise(key: jax.Array, vae: nvae_lib.NVAE, num_samples: int):
-  """Fresh ε_z (one array per latent group, top first) and ε_x ~ N(0, I)."""
+def default_mesh() -> jax.sharding.Mesh:
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def initial_noise(key: jax.Array, vae: nvae_lib.NVAE, num_samples: int, mesh: Optional[jax.sharding.Mesh] = None):
+  """Fresh ε_z (one array per latent group, top first) and ε_x ~ N(0, I), sharded over `mesh`."""
   k_z, k_x = jax.random.split(key)
-  eps_z = [_shard(e) for e in nvae_lib.sample_latent_noise(k_z, vae, num_samples)]
-  eps_x = _shard(jax.random.normal(k_x, (num_samples, vae.image_size, vae.image_size, vae.image_channels)))
+  eps_z = [_shard(e, mesh) for e in nvae_lib.sample_latent_noise(k_z, vae, num_samples)]
+  eps_x = _shard(jax.random.normal(k_x, (num_samples, vae.image_size, vae.image_size, vae.image_channels)), mesh)
   return eps_z, eps_x
 
 
 def sample_fn(key: jax.Array, params: Any, *, vae: nvae_lib.NVAE, ebm: nn.Module, num_samples: int,
               num_steps: int, step_size: float, potential: str = "code", temperature: float = 1.0,
               unroll: int | bool = 1, clip: bool = True, return_eps: bool = False,
-              return_energies: bool = False):
+              return_energies: bool = False, mesh: Optional[jax.sharding.Mesh] = None):
   """Draws VAEBM samples: ε-space Langevin from N(0, I), then the decoder mean (§1.5).
 
   A pure function of (key, params); `vae` and `ebm` are static modules, so wrap it as
@@ -116,11 +118,12 @@ def sample_fn(key: jax.Array, params: Any, *, vae: nvae_lib.NVAE, ebm: nn.Module
     unroll: lax.scan unroll of the chain.
     clip: clip the mean image to [0, 1] (the reference instead min-max rescales each image when saving).
     return_eps, return_energies: also return the final (ε_z, ε_x) and the per-step mean U.
+    mesh: 1-D ('data',) mesh to split the samples over; default: all devices.
   Returns:
     images (num_samples, H, W, C) in [0, 1], plus the requested extras in a dict.
   """
   k_init, k_chain = jax.random.split(key)
-  eps = initial_noise(k_init, vae, num_samples)
+  eps = initial_noise(k_init, vae, num_samples, default_mesh() if mesh is None else mesh)
   potential_of = lambda e: potential_fn(e[0], e[1], params, vae=vae, ebm=ebm, potential=potential,
                                         temperature=temperature)
   eps, energies, _ = langevin_chain(eps, k_chain, potential_of, num_steps=num_steps, step_size=step_size,

@@ -95,11 +95,12 @@ def create_train_state(ebm: EnergyNet, vae: nvae.NVAE, tx, key: jax.Array, init_
 # ---------------------------------------------------------------------------------------------- step
 
 
-def negatives(state: EBMTrainState, key: jax.Array, *, vae, vae_variables, ebm, config, batch_size: int):
+def negatives(state: EBMTrainState, key: jax.Array, *, vae, vae_variables, ebm, config, batch_size: int,
+              mesh=None):
   """Short-run ε-space Langevin from fresh noise (or the buffer); returns x⁻ and chain diagnostics."""
   lv = config.langevin
   k_init, k_buffer, k_chain = jax.random.split(key, 3)
-  eps_z, eps_x = sampling.initial_noise(k_init, vae, batch_size)
+  eps_z, eps_x = sampling.initial_noise(k_init, vae, batch_size, mesh)
   num_replayed = jnp.zeros((), jnp.int32)
   if state.buffer is not None:
     probability = sampling.replay_probability(state.step, config.buffer.p_max, config.buffer.anneal_steps)
@@ -115,11 +116,12 @@ def negatives(state: EBMTrainState, key: jax.Array, *, vae, vae_variables, ebm, 
   return x_neg, eps_z, chain_energies, num_replayed
 
 
-def train_step(state: EBMTrainState, batch: jax.Array, key: jax.Array, *, vae, vae_variables, ebm, tx, config):
+def train_step(state: EBMTrainState, batch: jax.Array, key: jax.Array, *, vae, vae_variables, ebm, tx, config,
+               mesh=None):
   """One contrastive-divergence update of ψ (§3.1); the NVAE is frozen and in eval-mode BN."""
   key = jax.random.fold_in(key, state.step)
   x_neg, eps_z, chain_energies, num_replayed = negatives(state, key, vae=vae, vae_variables=vae_variables, ebm=ebm,
-                                                         config=config, batch_size=batch.shape[0])
+                                                         config=config, batch_size=batch.shape[0], mesh=mesh)
 
   def loss_fn(params):
     e_pos, mutated = ebm.apply({"params": params}, batch, mutable=["normalized_weights"])
@@ -201,11 +203,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> EBMTr
 
   p_train_step = jax.jit(
       lambda state, batch, key, vv: train_step(state, batch, key, vae=vae, vae_variables=vv, ebm=ebm, tx=tx,
-                                               config=config),
+                                               config=config, mesh=mesh),
       in_shardings=(state_sharding, sharded, repl, repl), out_shardings=(state_sharding, repl), donate_argnums=0)
   step_fn = lambda state, batch, key: p_train_step(state, batch, key, vae_variables)
   num = config.train.num_image_samples
-  p_sample = jax.jit(functools.partial(sampling.sample_fn, vae=vae, ebm=ebm, num_samples=num,
+  p_sample = jax.jit(functools.partial(sampling.sample_fn, vae=vae, ebm=ebm, num_samples=num, mesh=mesh,
                                        **sampling_settings(config)))
   p_vae_sample = jax.jit(lambda v, k: nvae.sample_images(vae, v, k, num, config.langevin.temperature))
 

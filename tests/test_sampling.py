@@ -1,0 +1,177 @@
+"""ε-space Langevin sampling, potentials, energy networks, replay buffer, EBM optimiser."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tests.helpers import golden, golden_nvae, nchw_to_nhwc, tiny_nvae
+from vaebm_jax import optim, parallel, sampling
+from vaebm_jax.models import torch_import
+from vaebm_jax.models.energy import EnergyNet
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  vae = tiny_nvae()
+  x = jax.random.uniform(jax.random.key(0), (8, 16, 16, 1))
+  vv = vae.init({"params": jax.random.key(1), "sample": jax.random.key(2)}, x, True)
+  ebm = EnergyNet("mnist", 4)
+  ev = ebm.init(jax.random.key(3), x)
+  params = {"vae": {"params": vv["params"], "batch_stats": vv["batch_stats"]}, "ebm": {"params": ev["params"]}}
+  return vae, ebm, params
+
+
+def test_langevin_chain_recovers_gaussian_moments():
+  mu, sigma = jnp.array([1.0, -2.0]), jnp.array([0.5, 2.0])
+  potential = lambda e: (jnp.sum(0.5 * jnp.square((e - mu) / sigma), axis=-1), jnp.zeros(e.shape[0]))
+  eps = jnp.zeros((4000, 2))
+  final, energies, _ = jax.jit(functools.partial(sampling.langevin_chain, potential=potential, num_steps=3000,
+                                                 step_size=0.02, unroll=8))(eps, jax.random.key(0))
+  np.testing.assert_allclose(jnp.mean(final, 0), mu, atol=0.06)
+  np.testing.assert_allclose(jnp.std(final, 0), sigma, rtol=0.05)
+  assert energies.shape == (3000,) and energies[-1] < energies[0] + 1.0
+
+
+@pytest.mark.parametrize("potential", sampling.POTENTIALS)
+def test_potential_gradient_matches_finite_differences(tiny, potential):
+  vae, ebm, params = tiny
+  eps_z, eps_x = sampling.initial_noise(jax.random.key(5), vae, 3)
+  u = lambda e: jnp.sum(sampling.potential_fn(e[0], e[1], params, vae=vae, ebm=ebm, potential=potential)[0])
+  eps = (eps_z, eps_x)
+  grad = jax.grad(u)(eps)
+  leaves, treedef = jax.tree.flatten(eps)
+  direction = jax.tree.unflatten(treedef, [jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])
+  h = 1e-2
+  shift = lambda s: jax.tree.map(lambda e, d: e + s * h * d, eps, direction)
+  numeric = (u(shift(1.0)) - u(shift(-1.0))) / (2 * h)
+  analytic = sum(jnp.sum(g * d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction), strict=True))
+  np.testing.assert_allclose(numeric, analytic, rtol=2e-2)
+
+
+def test_paper_potential_with_zero_energy_leaves_standard_normal_invariant(tiny):
+  vae, ebm, params = tiny
+  zero_ebm = jax.tree.map(jnp.zeros_like, params["ebm"])
+  params = {**params, "ebm": zero_ebm}
+  eps = sampling.initial_noise(jax.random.key(0), vae, 64)
+  potential = lambda e: sampling.potential_fn(e[0], e[1], params, vae=vae, ebm=ebm, potential="paper")
+  final, _, aux = jax.jit(functools.partial(sampling.langevin_chain, potential=potential, num_steps=40,
+                                            step_size=0.05))(eps, jax.random.key(1))
+  assert float(jnp.max(jnp.abs(aux))) == 0.0                  # E ≡ 0
+  values = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(final)])
+  assert abs(values.mean()) < 0.02
+  np.testing.assert_allclose(values.var(), 1.0 / (1.0 - 0.05 / 4), rtol=0.03)   # ULA's stationary variance
+  # and the chain moved: the states decorrelated from where they started
+  start = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(eps)])
+  assert np.corrcoef(start, values)[0, 1] < 0.5
+
+
+def test_sample_fn_is_deterministic_and_the_same_on_one_and_four_devices(tiny):
+  vae, ebm, params = tiny
+  kw = dict(vae=vae, ebm=ebm, num_samples=8, num_steps=3, step_size=1e-3)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:4]):
+    draw = jax.jit(functools.partial(sampling.sample_fn, mesh=parallel.create_mesh(devices), return_energies=True,
+                                     **kw))
+    images, extras = draw(jax.random.key(7), params)
+    results.append(np.asarray(images))
+    again, _ = draw(jax.random.key(7), params)
+    np.testing.assert_array_equal(np.asarray(again), results[-1])
+  np.testing.assert_allclose(results[0], results[1], atol=1e-5)
+  assert results[0].shape == (8, 16, 16, 1) and results[0].min() >= 0.0 and results[0].max() <= 1.0
+  other = jax.jit(functools.partial(sampling.sample_fn, **kw))(jax.random.key(8), params)
+  assert not np.allclose(np.asarray(other), results[0])
+
+
+def test_data_dependent_init_standardises_every_conv():
+  x = jax.random.uniform(jax.random.key(0), (40, 16, 16, 3))
+  ebm = EnergyNet("mnist", 8)
+  variables = ebm.init(jax.random.key(1), x)
+  _, state = ebm.apply(variables, x, capture_intermediates=lambda mdl, _: type(mdl).__name__ == "Conv2D",
+                       mutable=["intermediates"])
+  outputs = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+  assert len(outputs) == 1 + 2 * 4 + 2     # first conv, two per block, two 1×1 skips
+  for path, out in outputs:
+    flat = np.asarray(out).reshape(-1, out.shape[-1])
+    if "skip" not in jax.tree_util.keystr(path):   # the 1×1 skips have no bias to remove the mean
+      np.testing.assert_allclose(flat.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(flat.std(0, ddof=1), 0.2, rtol=1e-3)
+
+
+def test_energy_net_parameter_counts_match_reference():
+  for arch, c, size, expected in (("cifar10", 128, 32, 5_137_921), ("celeba64", 64, 64, 4_337_537)):
+    shapes = jax.eval_shape(lambda x, arch=arch, c=c: EnergyNet(arch, c).init(jax.random.key(0), x),
+                            jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32))
+    assert sum(np.prod(p.shape) for p in jax.tree.leaves(shapes["params"])) == expected
+
+
+def test_energy_and_potential_match_official_implementation():
+  d = golden()
+  vae = golden_nvae(d)
+  params = {"vae": torch_import.nvae_variables_from_torch({k[5:]: d[k] for k in d.files if k.startswith("nvae/")}),
+            "ebm": torch_import.convert_state_dict({k[4:]: d[k] for k in d.files if k.startswith("ebm/")})}
+  ebm = EnergyNet("cifar10", int(d["meta/ebm_channels"]), data_init=False)
+  x = nchw_to_nhwc(d["in/x_data"])
+  torch_import.check_against(params["ebm"], ebm.init(jax.random.key(0), x))
+  np.testing.assert_allclose(ebm.apply(params["ebm"], x), d["out/energy_data"], rtol=1e-4, atol=1e-5)
+  eps_z = [nchw_to_nhwc(d[f"in/eps_z/{i}"]) for i in range(vae.num_groups)]
+  eps_x = nchw_to_nhwc(d["in/eps_x"])
+  u, energy = sampling.potential_fn(eps_z, eps_x, params, vae=vae, ebm=ebm)
+  np.testing.assert_allclose(energy, d["out/energy"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(u, d["out/U"], rtol=1e-5)
+  grads = jax.grad(lambda e: jnp.sum(sampling.potential_fn(e[0], e[1], params, vae=vae, ebm=ebm)[0]))(
+      (eps_z, eps_x))
+  for i in range(vae.num_groups):
+    np.testing.assert_allclose(grads[0][i], nchw_to_nhwc(d[f"out/dU_deps_z/{i}"]), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grads[1], nchw_to_nhwc(d["out/dU_deps_x"]), rtol=1e-4, atol=1e-5)
+
+
+def test_igebm_clip_matches_its_formula():
+  lr, wd, b1, b2 = 0.1, 0.01, 0.99, 0.999
+  tx = optim.ebm_optimizer(lr, wd, b1, b2)
+  theta = {"w": jnp.array([1.0, -1.0, 0.5])}
+  state = tx.init(theta)
+  g1, g2 = np.array([0.1, 0.2, -0.3]), np.array([5.0, -0.01, -4.0])
+  u1, state = tx.update({"w": jnp.asarray(g1)}, state, theta)           # step 0: no clip
+  theta1 = optax.apply_updates(theta, u1)
+  u2, state = tx.update({"w": jnp.asarray(g2)}, state, theta1)
+  # by hand: v̂ after step 1 from the gradient Adam saw (g1 + wd θ0)
+  seen1 = g1 + wd * np.array([1.0, -1.0, 0.5])
+  v_hat = (1 - b2) * seen1 ** 2 / (1 - b2)
+  bound = 3 * np.sqrt(v_hat) + 0.1
+  clipped = np.clip(g2, -bound, bound)
+  seen2 = clipped + wd * np.asarray(theta1["w"])
+  m = b1 * (1 - b1) * seen1 + (1 - b1) * seen2
+  v = b2 * (1 - b2) * seen1 ** 2 + (1 - b2) * seen2 ** 2
+  expected = -lr * (m / (1 - b1 ** 2)) / (np.sqrt(v / (1 - b2 ** 2)) + 1e-8)
+  np.testing.assert_allclose(u2["w"], expected, rtol=1e-4)
+  assert abs(clipped[0]) < abs(g2[0])     # the clip acted
+
+
+def test_replay_buffer_anneal_fifo_and_replay():
+  np.testing.assert_allclose([sampling.replay_probability(s, 0.6, 100) for s in (0, 50, 100, 500)],
+                             [0.0, 0.3, 0.6, 0.6], rtol=1e-6)
+  vae = tiny_nvae()
+  buffer = sampling.init_replay_buffer(vae, capacity=10)
+  batch = lambda v: [jnp.full((4,) + s, v, jnp.float32) for s in vae.latent_shapes()]
+  fresh = [-jnp.ones((4,) + s) for s in vae.latent_shapes()]
+  eps, n = sampling.sample_initial_eps_z(buffer, jax.random.key(0), fresh, 1.0)   # empty: all fresh
+  assert int(n) == 0 and float(eps[0].max()) == -1.0
+  for v in range(4):                       # 16 pushes into capacity 10: entries of 1.5 batches survive
+    buffer = sampling.push_replay_buffer(buffer, [b + jnp.arange(4.0).reshape(4, 1, 1, 1) / 10 for b in batch(v)])
+  assert int(buffer.size) == 10 and int(buffer.pointer) == 6
+  kept = sorted(round(float(v), 1) for v in buffer.eps_z[0][:, 0, 0, 0])
+  assert kept == sorted([1.2, 1.3] + [2.0, 2.1, 2.2, 2.3] + [3.0, 3.1, 3.2, 3.3])   # the oldest dropped
+  eps, n = sampling.sample_initial_eps_z(buffer, jax.random.key(1), fresh, 1.0)
+  drawn = {round(float(v), 1) for v in eps[0][:, 0, 0, 0]}
+  assert int(n) == 4 and len(drawn) == 4 and drawn <= set(kept)      # without replacement, from the buffer
+  eps, n = sampling.sample_initial_eps_z(buffer, jax.random.key(2), fresh, 0.0)
+  assert int(n) == 0 and float(eps[0].max()) == -1.0
+  counts = [int(sampling.sample_initial_eps_z(buffer, jax.random.key(k), fresh, 0.5)[1]) for k in range(200)]
+  assert 1.7 < np.mean(counts) < 2.3                                      # Bernoulli(0.5) per slot
+  eps, n = sampling.sample_initial_eps_z(buffer, jax.random.key(3), fresh, 0.5)
+  replayed = np.asarray(eps[0][:, 0, 0, 0]) >= 0
+  assert replayed.sum() == int(n) and replayed[:int(n)].all()          # replayed samples come first
