@@ -14,8 +14,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10_vae.py[:smoke].",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and images.")
-flags.DEFINE_enum("mode", None, ["train_vae", "train_ebm", "sample", "summary"],
-                  "What to run; default: train_vae for stage-1 configs, train_ebm for stage-2 configs.")
+flags.DEFINE_enum("mode", None, ["train_vae", "train_ebm", "sample", "summary", "vaebm"],
+                  "What to run; default: train_vae for stage-1 configs, train_ebm for stage-2 configs, vaebm "
+                  "(both stages, then samples) for configs/*_vaebm.py.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -51,15 +52,29 @@ def main(argv):
   import jax
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  mode = FLAGS.mode or ("train_vae" if config.stage == "vae" else "train_ebm")
+  mode = FLAGS.mode or {"vae": "train_vae", "ebm": "train_ebm", "vaebm": "vaebm"}[config.stage]
 
   if mode == "summary":
     from vaebm_jax import evaluate
-    print(evaluate.parameter_summary(config))
+    if config.stage == "vaebm":
+      print(evaluate.parameter_summary(config.vae) + "\n" + evaluate.parameter_summary(config.ebm))
+    else:
+      print(evaluate.parameter_summary(config))
     return
   if FLAGS.workdir is None:
     raise app.UsageError(f"--workdir is required for --mode={mode}")
-  if mode == "train_vae":
+  if mode == "vaebm":
+    if config.stage != "vaebm":
+      raise app.UsageError("--mode=vaebm needs a two-stage config (configs/*_vaebm.py)")
+    from vaebm_jax import evaluate, train_ebm, train_vae
+    vae_dir, ebm_dir = os.path.join(FLAGS.workdir, "vae"), os.path.join(FLAGS.workdir, "ebm")
+    train_vae.train_and_evaluate(config.vae, vae_dir)
+    with config.unlocked():
+      config.ebm.vae_workdir = vae_dir
+    train_ebm.train_and_evaluate(config.ebm, ebm_dir)
+    out = evaluate.sample_to_files(ebm_dir, config.ebm.sample.num_samples, config.ebm.sample.batch_size)
+    logging.info("VAE sample grids in %s/images, VAEBM samples in %s", vae_dir, out)
+  elif mode == "train_vae":
     if config.stage != "vae":
       raise app.UsageError(f"--mode=train_vae needs a stage-1 config (configs/*_vae.py), got stage {config.stage!r}")
     from vaebm_jax import train_vae
