@@ -80,12 +80,11 @@ def train_step(state: VAETrainState, batch: jax.Array, key: jax.Array, *, model:
                                    obj.kl_const_coeff)
   lam = objectives.annealed_norm_coefficient(beta, obj.weight_decay_norm_init, obj.weight_decay_norm,
                                              obj.weight_decay_norm_anneal)
-  crop = 2 if config.data.name == "mnist" else 0
 
   def loss_fn(params):
     out, mutated = model.apply({"params": params, "batch_stats": state.batch_stats}, x, True,
                                rngs={"sample": key}, mutable=["batch_stats", "normalized_weights"])
-    recon = -objectives.reconstruction_log_prob(model.decoder_distribution(out.logits), x, crop)
+    recon = -objectives.reconstruction_log_prob(model.decoder_distribution(out.logits), x)
     if obj.kl_balance:
       kl, kl_coeffs, kl_vals = objectives.balanced_kl(out.kl_all, beta, alpha)
     else:
