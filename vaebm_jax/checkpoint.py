@@ -8,6 +8,7 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class Checkpointer:
@@ -39,6 +40,16 @@ class Checkpointer:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or replicated), target)
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return restored["state"]
+
+  def restore_or_initialize(self, init_fn, *args, sharding) -> Any:
+    """The latest checkpoint restored with `sharding`, or `jit(init_fn, out_shardings=sharding)(*args)`
+    for a fresh run. `sharding` is one sharding for every leaf (states are replicated)."""
+    shapes = jax.eval_shape(init_fn, *args)
+    if self.latest_step() is None:
+      return jax.jit(init_fn, out_shardings=jax.tree.map(lambda _: sharding, shapes))(*args)
+    state = self.restore(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes))
+    logging.info("Resumed from %s at step %d", self.directory, int(state.step))
+    return state
 
   def restore_config(self, step: Optional[int] = None) -> ml_collections.ConfigDict:
     step = self.latest_step() if step is None else step

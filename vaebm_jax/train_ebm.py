@@ -186,17 +186,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> EBMTr
   init_batches = config.ebm.data_init_batches
   # data-dependent init on `data_init_batches` real batches (5 × 32 = 160 images in the reference)
   init_images = np.concatenate([train_ds.batches[i] for i in range(init_batches if config.ebm.data_init else 1)])
-  init_fn = functools.partial(create_train_state, ebm, vae, tx, config=config)
-  state_shape = jax.eval_shape(init_fn, init_key, jax.ShapeDtypeStruct(init_images.shape, jnp.float32))
-  state_sharding = jax.tree.map(lambda _: repl, state_shape)
   ckpt = checkpoint.Checkpointer(workdir, config.train.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape,
-                          state_sharding)
-    state = ckpt.restore(target)
-    logging.info("Resumed from %s at step %d", ckpt.directory, int(state.step))
-  else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(init_key, jnp.asarray(init_images))
+  state = ckpt.restore_or_initialize(functools.partial(create_train_state, ebm, vae, tx, config=config), init_key,
+                                     jnp.asarray(init_images), sharding=repl)
+  state_sharding = jax.tree.map(lambda _: repl, state)
   logging.info("EBM: %d parameters; NVAE from %s", sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),
                config.vae_workdir)
   writer.write_hparams(train_vae.flatten_config(config))
@@ -231,10 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> EBMTr
     for hook in hooks:
       hook(step)
     if step % config.train.log_every_steps == 0 or step == total:
-      stacked = jax.device_get(history)
-      scalars = {f"train/{k}": float(np.sum([m[k] for m in stacked]) if k == "skipped"
-                                     else np.mean([m[k] for m in stacked])) for k in stacked[0]}
-      writer.write_scalars(step, scalars)
+      writer.write_scalars(step, train_vae.aggregate_metrics(history))
       history = []
     if step % config.train.image_every_steps == 0 or step == total:
       write_images(state, step)

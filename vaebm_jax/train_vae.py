@@ -163,17 +163,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
   repl, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
   root_key = jax.random.key(config.seed)
   init_key, train_key, eval_key = jax.random.split(root_key, 3)
-  init_fn = functools.partial(create_train_state, model, tx, image_shape=train_ds.image_shape)
-  state_shape = jax.eval_shape(init_fn, init_key)
-  state_sharding = jax.tree.map(lambda _: repl, state_shape)
   ckpt = checkpoint.Checkpointer(workdir, config.train.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape,
-                          state_sharding)
-    state = ckpt.restore(target)
-    logging.info("Resumed from %s at step %d", ckpt.directory, int(state.step))
-  else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(init_key)
+  state = ckpt.restore_or_initialize(
+      functools.partial(create_train_state, model, tx, image_shape=train_ds.image_shape), init_key, sharding=repl)
+  state_sharding = jax.tree.map(lambda _: repl, state)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   logging.info("NVAE: %d parameters, latent groups %s", num_params, model.latent_shapes())
   writer.write_hparams({k: v for k, v in flatten_config(config).items()})
@@ -231,15 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
     for hook in hooks:
       hook(step)
     if step % config.train.log_every_steps == 0 or step == total_steps:
-      stacked = jax.device_get(train_metrics)
-      scalars = {}
-      for name in stacked[0]:
-        values = np.stack([m[name] for m in stacked])
-        if values.ndim == 1:
-          scalars[f"train/{name}"] = float(values.sum() if name == "skipped" else values.mean())
-        else:
-          for g, v in enumerate(values.mean(0)):
-            scalars[f"train_{name}/{g:02d}"] = float(v)
+      scalars = aggregate_metrics(train_metrics)
       writer.write_scalars(step, scalars)
       if scalars["train/skipped"]:
         logging.warning("step %d: %d updates skipped for a non-finite loss", step, scalars["train/skipped"])
@@ -253,6 +238,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
   ckpt.close()
   writer.flush()
   return state
+
+
+def aggregate_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
+  """Means over logged steps (sums for `skipped`); vector metrics become `train_<name>/<index>`."""
+  stacked = jax.device_get(history)
+  scalars = {}
+  for name in stacked[0]:
+    values = np.stack([m[name] for m in stacked])
+    if values.ndim == 1:
+      scalars[f"train/{name}"] = float(values.sum() if name == "skipped" else values.mean())
+    else:
+      for g, v in enumerate(values.mean(0)):
+        scalars[f"train_{name}/{g:02d}"] = float(v)
+  return scalars
 
 
 def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
