@@ -187,8 +187,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> EBMTr
   # data-dependent init on `data_init_batches` real batches (5 × 32 = 160 images in the reference)
   init_images = np.concatenate([train_ds.batches[i] for i in range(init_batches if config.ebm.data_init else 1)])
   ckpt = checkpoint.Checkpointer(workdir, config.train.keep_checkpoints)
+  # Statistics of the global init batch (all processes' shares), as the reference averages them over GPUs.
   state = ckpt.restore_or_initialize(functools.partial(create_train_state, ebm, vae, tx, config=config), init_key,
-                                     jnp.asarray(init_images), sharding=repl)
+                                     parallel.shard_batch(init_images, mesh), sharding=repl)
   state_sharding = jax.tree.map(lambda _: repl, state)
   logging.info("EBM: %d parameters; NVAE from %s", sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),
                config.vae_workdir)
