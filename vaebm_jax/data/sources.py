@@ -15,7 +15,7 @@ TFDS_DATASETS = {
     "cifar10": ("cifar10", "train", "test"),
     "celeba64": ("celeb_a", "train", "validation"),
     "lsun_church64": ("lsun/church_outdoor", "train", "validation"),
-    "celebahq256": ("celeb_a_hq/256", "train", "train[-1000:]"),
+    "celebahq256": ("celeb_a_hq/256", "train[:27000]", "train[27000:]"),   # NVAE: 27k train / 3k validation
 }
 
 
