@@ -60,7 +60,8 @@ def langevin_chain(eps, key: jax.Array, potential: Callable, *, num_steps: int, 
   Args:
     eps: pytree of chain states (each leaf batched on axis 0).
     potential: ε → (U per sample, aux per sample).
-    unroll: passed to lax.scan (True unrolls fully; XLA:CPU runs unrolled convolutions faster).
+    unroll: passed to lax.scan (True unrolls fully; on CPU with the fast conv path it gained nothing,
+      experiments/RESULTS.md).
   Returns:
     (final ε, per-step mean U (num_steps,), per-step aux (num_steps, B)).
   """
@@ -68,7 +69,9 @@ def langevin_chain(eps, key: jax.Array, potential: Callable, *, num_steps: int, 
     u, aux = potential(e)
     return jnp.sum(u), (u, aux)
 
-  grad_fn = lambda e: (lambda g_aux: (g_aux[1], g_aux[0][1]))(jax.value_and_grad(summed, has_aux=True)(e))
+  def grad_fn(e):
+    (_, per_sample), grads = jax.value_and_grad(summed, has_aux=True)(e)
+    return grads, per_sample
 
   def body(e, k):
     e, (u, aux) = langevin_step(e, k, grad_fn, step_size)
