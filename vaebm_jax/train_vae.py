@@ -169,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
   state_sharding = jax.tree.map(lambda _: repl, state)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   logging.info("NVAE: %d parameters, latent groups %s", num_params, model.latent_shapes())
-  writer.write_hparams({k: v for k, v in flatten_config(config).items()})
+  writer.write_hparams(flatten_config(config))
 
   p_train_step = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
