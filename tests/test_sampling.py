@@ -108,6 +108,16 @@ def test_energy_net_parameter_counts_match_reference():
     assert sum(np.prod(p.shape) for p in jax.tree.leaves(shapes["params"])) == expected
 
 
+def test_summary_counts_grayscale_energy_nets_with_one_input_channel():
+  from configs import digits_ebm
+  from vaebm_jax import evaluate
+  config = digits_ebm.get_config()
+  shapes = jax.eval_shape(lambda x: EnergyNet("mnist", config.ebm.n_channel).init(jax.random.key(0), x),
+                          jax.ShapeDtypeStruct((2, 16, 16, 1), jnp.float32))
+  expected = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes["params"]))
+  assert evaluate.parameter_summary(config).splitlines()[-1] == f"total_params: {expected}"
+
+
 def test_energy_and_potential_match_official_implementation():
   d = golden()
   vae = golden_nvae(d)

@@ -34,8 +34,9 @@ def nvae_parameter_table(model: nvae.NVAE) -> tuple[list[tuple[str, int]], int, 
   return sorted(groups.items()), _count(shapes), decoder
 
 
-def ebm_parameter_table(ebm) -> tuple[list[tuple[str, int]], int]:
-  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+def ebm_parameter_table(ebm, image_channels: int = 3) -> tuple[list[tuple[str, int]], int]:
+  """Per-module counts and the total; they do not depend on the image size (global sum pooling)."""
+  x = jax.ShapeDtypeStruct((1, 64, 64, image_channels), jnp.float32)
   shapes = jax.eval_shape(lambda x: ebm.init(jax.random.key(0), x), x)["params"]
   return [(name, _count(sub)) for name, sub in shapes.items()], _count(shapes)
 
@@ -50,7 +51,8 @@ def parameter_summary(config: ml_collections.ConfigDict) -> str:
   if config.stage == "ebm":
     from vaebm_jax import train_ebm
     ebm = train_ebm.create_ebm(config)
-    table, total = ebm_parameter_table(ebm)
+    from vaebm_jax.data.pipeline import image_channels
+    table, total = ebm_parameter_table(ebm, image_channels(config.data.name))
     lines.append(f"model: energy network ({config.ebm.architecture}, n_channel={config.ebm.n_channel})")
     lines += [f"  {name:<20s} {n:>14,d}" for name, n in table]
     lines.append(f"total_params: {total}")

@@ -13,6 +13,12 @@ from vaebm_jax.data import sources
 from vaebm_jax.data.sources import DatasetUnavailableError
 
 KNOWN = ("cifar10", "celeba64", "lsun_church64", "celebahq256", "fashion_mnist", "digits")
+GRAYSCALE = ("fashion_mnist", "digits")
+
+
+def image_channels(name: str) -> int:
+  """Channels of the images a dataset yields (1 for the grayscale ones, else RGB)."""
+  return 1 if name in GRAYSCALE else 3
 
 
 def _to_array(record: Any) -> np.ndarray:
