@@ -4,9 +4,11 @@ Times the full jitted `train_step` (forward, backward, spectral regulariser, Ada
 random images, after compilation, over all local devices (one simulated device per core on CPU).
 
   python experiments/benchmark_vae_step.py --config=configs/cifar10_vae.py --batch=4 --repeats=5
-  python experiments/benchmark_vae_step.py --conv_impl=xla     # XLA's own convolutions throughout
+  python experiments/benchmark_vae_step.py --devices=1           # one XLA device using both cores
+  python experiments/benchmark_vae_step.py --conv_impl=xla       # XLA's own convolutions throughout
 
-The PyTorch reference took 12.3 s (median) for this step on the same 2-core machine.
+The state is created by the jitted `create_train_state` as in training (its compile time is
+`init_s`). The PyTorch reference took 12.3 s (median) for this step on the same 2-core machine.
 """
 
 import functools

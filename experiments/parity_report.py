@@ -37,7 +37,7 @@ def main(_):
     rows.append(f"| {name} | {impl} | {np.abs(ours - theirs).max():.2e} | {np.abs(theirs).max():.3g} |")
 
   base = golden_nvae(d)
-  vv = torch_import.nvae_variables_from_torch({k[5:]: d[k] for k in d.files if k.startswith("nvae/")})
+  vv = torch_import.nvae_variables_from_torch({k[5:]: d[k] for k in d.files if k.startswith("nvae/")}, base)
   ev = torch_import.convert_state_dict({k[4:]: d[k] for k in d.files if k.startswith("ebm/")})
   for impl in ("xla", "fast_cpu"):
     model = base.clone(conv_impl=impl)

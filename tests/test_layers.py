@@ -12,6 +12,7 @@ from vaebm_jax.models.nvae import CellAR
 
 CASES = [  # (name, x shape, kernel shape, stride, padding, groups)
     ("dense3x3", (2, 8, 8, 6), (3, 3, 6, 5), 1, 1, 1),
+    ("dense5x5", (2, 6, 6, 4), (5, 5, 4, 3), 1, 2, 1),
     ("dense3x3_stride2", (2, 8, 8, 6), (3, 3, 6, 10), 2, 1, 1),
     ("pointwise", (2, 8, 8, 6), (1, 1, 6, 12), 1, 0, 1),
     ("pointwise_stride2", (2, 7, 7, 6), (1, 1, 6, 4), 2, 0, 1),

@@ -62,7 +62,7 @@ def reference():
   d = golden()
   model = golden_nvae(d)
   state = {k[len("nvae/"):]: d[k] for k in d.files if k.startswith("nvae/")}
-  variables = torch_import.nvae_variables_from_torch(state)
+  variables = torch_import.nvae_variables_from_torch(state, model)
   init = model.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, jnp.zeros((1, 32, 32, 3)), True)
   torch_import.check_against(variables, init)
   return d, model, variables
@@ -73,7 +73,14 @@ def test_importer_rejects_missing_tensor(reference):
   state = {k[len("nvae/"):]: d[k] for k in d.files if k.startswith("nvae/") and "enc0" not in k}
   init = model.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, jnp.zeros((1, 32, 32, 3)), True)
   with pytest.raises(ValueError, match="missing from checkpoint: params/enc0/kernel"):
-    torch_import.check_against(torch_import.nvae_variables_from_torch(state), init)
+    torch_import.check_against(torch_import.nvae_variables_from_torch(state, model), init)
+
+
+def test_importer_names_the_missing_group_of_a_stacked_scale(reference):
+  d, model, _ = reference
+  state = {k[len("nvae/"):]: d[k] for k in d.files if k.startswith("nvae/") and not k.startswith("nvae/dec_sampler.1.")}
+  with pytest.raises(ValueError, match=r"lacks groups \[0\] of params/latent_groups_1/dec_sampler"):
+    torch_import.nvae_variables_from_torch(state, model)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])

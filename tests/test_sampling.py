@@ -121,7 +121,7 @@ def test_summary_counts_grayscale_energy_nets_with_one_input_channel():
 def test_energy_and_potential_match_official_implementation():
   d = golden()
   vae = golden_nvae(d)
-  params = {"vae": torch_import.nvae_variables_from_torch({k[5:]: d[k] for k in d.files if k.startswith("nvae/")}),
+  params = {"vae": torch_import.nvae_variables_from_torch({k[5:]: d[k] for k in d.files if k.startswith("nvae/")}, vae),
             "ebm": torch_import.convert_state_dict({k[4:]: d[k] for k in d.files if k.startswith("ebm/")})}
   ebm = EnergyNet("cifar10", int(d["meta/ebm_channels"]), data_init=False)
   x = nchw_to_nhwc(d["in/x_data"])

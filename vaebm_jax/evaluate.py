@@ -10,15 +10,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from vaebm_jax.models import nvae
 
 
 def _count(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-_DECODER_PREFIXES = ("prior_ftr0", "dec_tower", "dec_sampler", "post_process", "image_conditional", "stem_decoder")
 
 
 def nvae_parameter_table(model: nvae.NVAE) -> tuple[list[tuple[str, int]], int, int]:
@@ -30,7 +28,8 @@ def nvae_parameter_table(model: nvae.NVAE) -> tuple[list[tuple[str, int]], int, 
   for name, sub in shapes.items():
     owner = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name
     groups[owner] = groups.get(owner, 0) + _count(sub)
-  decoder = sum(n for k, n in groups.items() if k.startswith(_DECODER_PREFIXES))
+  flat = traverse_util.flatten_dict(shapes)
+  decoder = sum(int(np.prod(v.shape)) for k, v in flat.items() if any(nvae.DECODER_MODULES.match(p) for p in k))
   return sorted(groups.items()), _count(shapes), decoder
 
 

@@ -70,14 +70,18 @@ def annealed_norm_coefficient(beta, initial: float, final: float, anneal: bool):
 
 
 def _weight_matrices(normalized_weights: Mapping[str, Any]) -> dict[str, jax.Array]:
-  """Groups the sown HWIO kernels by their (C_out, C_in·k·k) matrix shape; stacks each group."""
+  """Groups the sown HWIO kernels by their (C_out, C_in·k·k) matrix shape; stacks each group.
+
+  Kernels of scanned modules arrive stacked, (G, k, k, C_in, C_out): each of the G is one matrix.
+  """
   flat = traverse_util.flatten_dict(dict(normalized_weights), sep="/")
   groups: dict[str, list] = {}
   for name in sorted(flat):
     for kernel in flat[name]:
-      matrix = jnp.transpose(kernel, (3, 2, 0, 1)).reshape(kernel.shape[3], -1)
-      groups.setdefault(f"{matrix.shape[0]}x{matrix.shape[1]}", []).append(matrix)
-  return {shape: jnp.stack(ms) for shape, ms in groups.items()}
+      k, c_in, c_out = kernel.shape[-3], kernel.shape[-2], kernel.shape[-1]
+      matrices = jnp.moveaxis(kernel.reshape((-1, k, k, c_in, c_out)), (4, 3), (1, 2)).reshape(-1, c_out, c_in * k * k)
+      groups.setdefault(f"{c_out}x{c_in * k * k}", []).append(matrices)
+  return {shape: jnp.concatenate(ms) for shape, ms in groups.items()}
 
 
 def _normalize(x: jax.Array, eps: float = 1e-3) -> jax.Array:
@@ -120,9 +124,12 @@ def spectral_norm_penalty(normalized_weights: Mapping[str, Any], state: Mapping[
 
 
 def batchnorm_gamma_penalty(params: Mapping[str, Any]) -> jax.Array:
-  """Σ over BN layers of max|γ| (BN scales are the only 'scale' leaves in our models)."""
+  """Σ over BN layers of max|γ| (BN scales are the only 'scale' leaves in our models).
+
+  A scanned module's γ is (G, C): one max per layer of the stack.
+  """
   flat = traverse_util.flatten_dict(dict(params))
-  scales = [jnp.max(jnp.abs(v)) for k, v in flat.items() if k[-1] == "scale"]
+  scales = [jnp.sum(jnp.max(jnp.abs(v), axis=-1)) for k, v in flat.items() if k[-1] == "scale"]
   return jnp.sum(jnp.stack(scales)) if scales else jnp.zeros(())
 
 

@@ -98,6 +98,44 @@ def _depthwise_bwd(res, g):
 depthwise_conv_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+# ----------------------------------------------------------------------------------------------
+# Dense stride-1 'same' convolution with a hand-written VJP. Inside a `lax.scan` body (the scanned
+# latent groups) XLA:CPU emits the autodiff kernel gradient of a 3×3 conv as a naive loop nest
+# (f01b_i01o->01bf, ~10× slower than at top level); here it is one im2col matrix product and the
+# input gradient a plain convolution with the flipped, transposed kernel.
+# ----------------------------------------------------------------------------------------------
+
+
+def _conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
+  p = (w.shape[0] - 1) // 2
+  return jax.lax.conv_general_dilated(x, w, (1, 1), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def dense_conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
+  """Stride-1 'same' dense conv. x: (B, H, W, C_in); w: (k, k, C_in, C_out) with k odd."""
+  return _conv_same(x, w)
+
+
+def _dense_fwd(x, w):
+  return _conv_same(x, w), (x, w)
+
+
+def _dense_bwd(res, g):
+  x, w = res
+  k = w.shape[0]
+  p = (k - 1) // 2
+  batch, height, width, c_in = x.shape
+  dx = _conv_same(g, jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)))
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  patches = jnp.concatenate([xp[:, i:i + height, j:j + width, :] for i in range(k) for j in range(k)], axis=-1)
+  dw = jnp.dot(patches.reshape(-1, k * k * c_in).T, g.reshape(-1, g.shape[-1]))
+  return dx, dw.reshape(w.shape).astype(w.dtype)
+
+
+dense_conv_same.defvjp(_dense_fwd, _dense_bwd)
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
            groups: int = 1, impl: str = "auto") -> jax.Array:
   """2-D convolution in NHWC with an HWIO kernel, PyTorch padding semantics.
@@ -109,7 +147,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
     padding: symmetric zero padding on both spatial axes.
     groups: 1 (dense) or C_in (depthwise).
     impl: 'xla' (lax.conv_general_dilated), 'fast_cpu' (1×1 as matmul, depthwise as shifted
-      multiply-adds) or 'auto' (fast_cpu on CPU, xla elsewhere).
+      multiply-adds, dense stride-1 convs with an im2col kernel gradient) or 'auto' (fast_cpu on
+      CPU, xla elsewhere).
   Returns:
     (B, H', W', C_out).
   """
@@ -120,6 +159,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
       return jnp.einsum("bhwi,io->bhwo", x[:, ::stride, ::stride, :], kernel[0, 0])
     if groups > 1 and groups == x.shape[-1] == kernel.shape[-1] and stride == 1 and padding == (k - 1) // 2:
       return depthwise_conv_shifted(x, kernel[:, :, 0, :])
+    if groups == 1 and k > 1 and stride == 1 and padding == (k - 1) // 2:
+      return dense_conv_same(x, kernel)
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)

@@ -8,6 +8,7 @@ the deterministic map T_θ of §1.3 from standard-normal noise to latents and de
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -93,8 +94,108 @@ class ElboOutput:
   kl_diag: list               # per group, (C_z,) batch mean of the spatial sum
 
 
+# Latent groups of one scale are identical, so each scale's groups are one `nn.scan`: one traced
+# body whatever the number of groups (CIFAR-10 has 30), parameters stacked on a leading axis.
+_SCANNED_COLLECTIONS = {"params": 0, "batch_stats": 0, "normalized_weights": 0}
+
+
+def _cell_class(remat: bool):
+  return nn.remat(Cell, static_argnums=(2,)) if remat else Cell
+
+
+def _scanned(module_cls, length: int, in_axes, unroll: int):
+  return nn.scan(module_cls, variable_axes=_SCANNED_COLLECTIONS, split_rngs={"params": True, "sample": True},
+                 in_axes=in_axes, length=length, unroll=unroll)
+
+
+def _group_terms(q, p, log_q: jax.Array, log_p: jax.Array, monte_carlo_kl: bool) -> dict[str, jax.Array]:
+  """Per-group KL (analytic, or log q − log p with flows) and the summed log-densities."""
+  kl = log_q - log_p if monte_carlo_kl else q.kl(p)
+  return {"kl_all": jnp.sum(kl, axis=(1, 2, 3)), "kl_diag": jnp.mean(jnp.sum(kl, axis=(1, 2)), axis=0),
+          "log_q": jnp.sum(log_q, axis=(1, 2, 3)), "log_p": jnp.sum(log_p, axis=(1, 2, 3))}
+
+
+class EncoderGroup(nn.Module):
+  """The encoder cells of one latent group; the state after them is that group's combiner input."""
+  features: int
+  num_cells: int
+  arch: Sequence[str]
+  use_se: bool = True
+  conv_impl: str = "auto"
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, s: jax.Array, train: bool):
+    for c in range(self.num_cells):
+      s = _cell_class(self.remat)(self.features, "normal_enc", self.arch, self.use_se, self.conv_impl,
+                                  name=f"cell_{c}")(s, train)
+    return s, s
+
+
+class LatentGroup(nn.Module):
+  """One latent group below the top (§5.3), in decoder order.
+
+  Decoder cells, the prior head (`dec_sampler`), then either the posterior (mode 'elbo': encoder
+  combiner, residual posterior head, flows) or the prior sample (mode 'prior'), and the decoder
+  combiner that feeds z back into the decoder state.
+  """
+  features_enc: int
+  features_dec: int
+  num_cells: int
+  num_latent: int
+  num_nf: int
+  arch: Sequence[str]
+  res_dist: bool = True
+  use_se: bool = True
+  conv_impl: str = "auto"
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, s: jax.Array, xs: dict, train: bool, mode: str, temperature):
+    impl, nz = self.conv_impl, self.num_latent
+    for c in range(self.num_cells):
+      s = _cell_class(self.remat)(self.features_dec, "normal_dec", self.arch, self.use_se, impl,
+                                  name=f"dec_cell_{c}")(s, train)
+    mu_p, log_sig_p = distributions.split_channels(
+        Conv2D(2 * nz, 1, use_bias=True, conv_impl=impl, name="dec_sampler")(nn.elu(s)))
+    if mode == "prior":
+      p = distributions.Normal.from_params(mu_p, log_sig_p, temperature)
+      z = p.sample_given_eps(xs["eps"])
+      out = {"z": z, "log_p": jnp.sum(p.log_p(z), axis=(1, 2, 3))}
+    else:
+      ftr = EncCombinerCell(self.features_enc, impl, name="enc_combiner")(xs["enc"], s)
+      mu_q, log_sig_q = distributions.split_channels(
+          Conv2D(2 * nz, 3, use_bias=True, conv_impl=impl, name="enc_sampler")(ftr))
+      if self.res_dist:
+        q = distributions.Normal.from_params(mu_p + mu_q, log_sig_p + log_sig_q)
+      else:
+        q = distributions.Normal.from_params(mu_q, log_sig_q)
+      eps = xs["eps"] if "eps" in xs else jax.random.normal(self.make_rng("sample"), mu_q.shape)
+      z = q.sample_given_eps(eps)
+      log_q = q.log_p(z)
+      for n in range(self.num_nf):   # volume preserving: log det = 0
+        z = PairedCellAR(nz, impl, name=f"nf_{n}")(z)
+      p = distributions.Normal.from_params(mu_p, log_sig_p)
+      out = _group_terms(q, p, log_q, p.log_p(z), self.num_nf > 0)
+    s = DecCombinerCell(self.features_dec, impl, name="dec_combiner")(s, z)
+    return s, out
+
+
+# Names of the decoder-path modules (the generative model p(x, z)) in the variable tree.
+DECODER_MODULES = re.compile(
+    r"^(prior_ftr0|dec_cell_\d+|dec_sampler|dec_combiner|dec_combiner_top|up_dec_\d+|post_process_\d+|"
+    r"image_conditional|stem_decoder)$")
+
+
 class NVAE(nn.Module):
-  """The hierarchical VAE. Constructor arguments mirror the reference's command-line flags."""
+  """The hierarchical VAE. Constructor arguments mirror the reference's command-line flags.
+
+  Variable tree: `stem`, `pre_process_i`, `enc_groups_s` (encoder cells of the groups of encoder
+  scale s, stacked), `down_enc_s`, `enc0`, `enc_sampler_top`, `nf_top_n`, `dec_combiner_top`,
+  `latent_groups_s` (all other groups of decoder scale s, stacked: `LatentGroup`), `up_dec_s`,
+  `post_process_i`, `image_conditional`, `prior_ftr0`. `torch_module_map` relates it to the
+  reference's flat module lists.
+  """
   image_size: int = 32
   image_channels: int = 3
   num_channels_enc: int = 16
@@ -119,6 +220,7 @@ class NVAE(nn.Module):
   arch_instance: str = "res_mbconv"
   conv_impl: str = "auto"
   remat_cells: bool = False    # rematerialise cells in the backward pass (saves memory)
+  scan_unroll: int = 1         # unroll of the per-scale scans over latent groups
 
   # -------------------------------------------------------------------------------- layout
   @property
@@ -146,6 +248,63 @@ class NVAE(nn.Module):
   def num_groups(self) -> int:
     return sum(self.groups)
 
+  def scanned_groups(self) -> list[tuple[int, int]]:
+    """(first group index, count) of the scanned `latent_groups` of each decoder scale (top first)."""
+    spans, start = [], 1
+    for s in range(self.num_latent_scales):
+      n = self.groups[self.num_latent_scales - 1 - s] - (1 if s == 0 else 0)
+      spans.append((start, n))
+      start += n
+    return spans
+
+  def torch_module_map(self) -> dict[str, tuple[tuple[str, ...], Optional[int]]]:
+    """Reference module-list entries → (our module path, index in its stack or None).
+
+    The reference keeps flat lists (`enc_tower.i`, `dec_tower.i`, `enc_sampler.i`,
+    `dec_sampler.i`, `nf_cells.i`); keys are written as our importer joins them (`enc_tower_i`).
+    """
+    groups, scales = self.groups, self.num_latent_scales
+    out: dict[str, tuple[tuple[str, ...], Optional[int]]] = {}
+
+    def latent(s_dec: int, g_dec: int, name: str):
+      return (f"latent_groups_{s_dec}", name), g_dec - (1 if s_dec == 0 else 0)
+
+    i = 0
+    if not self.vanilla_vae:
+      for s in range(scales):
+        for g in range(groups[s]):
+          for c in range(self.num_cell_per_cond_enc):
+            out[f"enc_tower_{i}"] = ((f"enc_groups_{s}", f"cell_{c}"), g)
+            i += 1
+          if not (s == scales - 1 and g == groups[s] - 1):
+            out[f"enc_tower_{i}"] = latent(scales - 1 - s, groups[s] - 1 - g, "enc_combiner")
+            i += 1
+        if s < scales - 1:
+          out[f"enc_tower_{i}"] = ((f"down_enc_{s}",), None)
+          i += 1
+    i = idx = 0
+    for s in range(scales):
+      for g in range(groups[scales - 1 - s]):
+        top = s == 0 and g == 0
+        out[f"enc_sampler_{idx}"] = (("enc_sampler_top",), None) if top else latent(s, g, "enc_sampler")
+        for n in range(self.num_nf):
+          out[f"nf_cells_{idx * self.num_nf + n}"] = ((f"nf_top_{n}",), None) if top else latent(s, g, f"nf_{n}")
+        if not top:
+          out[f"dec_sampler_{idx - 1}"] = latent(s, g, "dec_sampler")
+        idx += 1
+        if self.vanilla_vae:
+          continue
+        if not top:
+          for c in range(self.num_cell_per_cond_dec):
+            out[f"dec_tower_{i}"] = latent(s, g, f"dec_cell_{c}")
+            i += 1
+        out[f"dec_tower_{i}"] = (("dec_combiner_top",), None) if top else latent(s, g, "dec_combiner")
+        i += 1
+      if s < scales - 1 and not self.vanilla_vae:
+        out[f"dec_tower_{i}"] = ((f"up_dec_{s}",), None)
+        i += 1
+    return out
+
   # -------------------------------------------------------------------------------- modules
   def setup(self):
     if self.image_size % 2 ** (self.num_preprocess_blocks + self.num_latent_scales - 1):
@@ -153,13 +312,14 @@ class NVAE(nn.Module):
                        f"num_latent_scales - 1)")
     arch = ARCH_CELLS[self.arch_instance]
     impl = self.conv_impl
-    cell_cls = nn.remat(Cell, static_argnums=(2,)) if self.remat_cells else Cell
+    cell_cls = _cell_class(self.remat_cells)
 
     def cell(features, cell_type):
       return cell_cls(features, cell_type, arch[cell_type], self.use_se, impl)
 
-    c_enc, c_dec = self.num_channels_enc, self.num_channels_dec
-    scale = CHANNEL_MULT ** (self.num_preprocess_blocks + self.num_latent_scales - 1)
+    c_enc, c_dec, nz = self.num_channels_enc, self.num_channels_dec, self.num_latent_per_group
+    scales = self.num_latent_scales
+    scale = CHANNEL_MULT ** (self.num_preprocess_blocks + scales - 1)
     self.prior_ftr0 = self.param("prior_ftr0", nn.initializers.uniform(1.0),
                                  (self.top_spatial, self.top_spatial, int(scale * c_dec)))
     self.stem = Conv2D(c_enc, 3, use_bias=True, conv_impl=impl)
@@ -175,56 +335,37 @@ class NVAE(nn.Module):
           pre.append(cell(int(c_enc * mult), "normal_pre"))
     self.pre_process = pre
 
-    enc, enc_kinds = [], []
+    enc_groups, down_enc = [], []
     if not self.vanilla_vae:
-      for s in range(self.num_latent_scales):
-        for g in range(self.groups[s]):
-          for _ in range(self.num_cell_per_cond_enc):
-            enc.append(cell(int(c_enc * mult), "normal_enc"))
-            enc_kinds.append("cell")
-          if not (s == self.num_latent_scales - 1 and g == self.groups[s] - 1):
-            enc.append(EncCombinerCell(int(c_enc * mult), impl))
-            enc_kinds.append("combiner")
-        if s < self.num_latent_scales - 1:
-          enc.append(cell(int(CHANNEL_MULT * c_enc * mult), "down_enc"))
-          enc_kinds.append("cell")
+      for s in range(scales):
+        enc_groups.append(_scanned(EncoderGroup, self.groups[s], (nn.broadcast,), self.scan_unroll)(
+            int(c_enc * mult), self.num_cell_per_cond_enc, arch["normal_enc"], self.use_se, impl,
+            self.remat_cells))
+        if s < scales - 1:
+          down_enc.append(cell(int(CHANNEL_MULT * c_enc * mult), "down_enc"))
           mult *= CHANNEL_MULT
-    self.enc_tower = enc
-    self._enc_kinds = tuple(enc_kinds)
+    self.enc_groups, self.down_enc = enc_groups, down_enc
 
     self.enc0 = Conv2D(int(c_enc * mult), 1, use_bias=True, conv_impl=impl)
+    self.enc_sampler_top = Conv2D(2 * nz, 3, use_bias=True, conv_impl=impl)
+    self.nf_top = [PairedCellAR(nz, impl) for _ in range(self.num_nf)]
 
-    nz = self.num_latent_per_group
-    enc_sampler, dec_sampler, nf_cells = [], [], []
-    m = mult
-    for s in range(self.num_latent_scales):
-      for g in range(self.groups[self.num_latent_scales - s - 1]):
-        enc_sampler.append(Conv2D(2 * nz, 3, use_bias=True, conv_impl=impl))
-        for _ in range(self.num_nf):
-          nf_cells.append(PairedCellAR(nz, impl))
-        if not (s == 0 and g == 0):
-          dec_sampler.append(Conv2D(2 * nz, 1, use_bias=True, conv_impl=impl))
-      m /= CHANNEL_MULT
-    self.enc_sampler, self.dec_sampler, self.nf_cells = enc_sampler, dec_sampler, nf_cells
-
-    dec, dec_kinds = [], []
+    latent_groups, up_dec = [], []
     if self.vanilla_vae:
       self.stem_decoder = Conv2D(int(mult * c_enc), 1, use_bias=True, conv_impl=impl)
     else:
-      for s in range(self.num_latent_scales):
-        for g in range(self.groups[self.num_latent_scales - s - 1]):
-          if not (s == 0 and g == 0):
-            for _ in range(self.num_cell_per_cond_dec):
-              dec.append(cell(int(c_dec * mult), "normal_dec"))
-              dec_kinds.append("cell")
-          dec.append(DecCombinerCell(int(c_dec * mult), impl))
-          dec_kinds.append("combiner")
-        if s < self.num_latent_scales - 1:
-          dec.append(cell(int(c_dec * mult / CHANNEL_MULT), "up_dec"))
-          dec_kinds.append("cell")
+      self.dec_combiner_top = DecCombinerCell(int(c_dec * mult), impl)
+      for s, (_, n) in enumerate(self.scanned_groups()):
+        in_axes = (0, nn.broadcast, nn.broadcast, nn.broadcast)
+        latent_groups.append(_scanned(LatentGroup, n, in_axes, self.scan_unroll)(
+            int(c_enc * mult), int(c_dec * mult), self.num_cell_per_cond_dec, nz, self.num_nf,
+            arch["normal_dec"], self.res_dist, self.use_se, impl, self.remat_cells) if n > 0 else None)
+        if s < scales - 1:
+          up_dec.append(cell(int(c_dec * mult / CHANNEL_MULT), "up_dec"))
           mult /= CHANNEL_MULT
-    self.dec_tower = dec
-    self._dec_kinds = tuple(dec_kinds)
+    self.latent_groups, self.up_dec = [g for g in latent_groups if g is not None], up_dec
+    self._latent_index = tuple(None if g is None else sum(x is not None for x in latent_groups[:k])
+                               for k, g in enumerate(latent_groups))
 
     post = []
     for _ in range(self.num_postprocess_blocks):
@@ -240,40 +381,21 @@ class NVAE(nn.Module):
         use_bias=True, conv_impl=impl)
 
   # -------------------------------------------------------------------------------- helpers
-  def _initial_state(self, batch: int) -> jax.Array:
-    return jnp.broadcast_to(self.prior_ftr0[None], (batch,) + self.prior_ftr0.shape)
-
-  def _prior_params(self, idx_dec: int, s: jax.Array):
-    return distributions.split_channels(self.dec_sampler[idx_dec - 1](nn.elu(s)))
-
-  def _decode(self, z_top: jax.Array, next_z, train: bool) -> jax.Array:
-    """Runs the decoder tower; `next_z(idx_dec, s)` returns the latent of group idx_dec ≥ 1."""
-    s = self._initial_state(z_top.shape[0])
-    z = z_top
-    idx_dec = 0
-    for kind, cell in zip(self._dec_kinds, self.dec_tower, strict=True):
-      if kind == "combiner":
-        if idx_dec > 0:
-          z = next_z(idx_dec, s)
-        s = cell(s, z)
-        idx_dec += 1
-      else:
-        s = cell(s, train)
+  def _decode(self, z_top: jax.Array, run_scale, train: bool) -> jax.Array:
+    """Decoder tower; `run_scale(scale, latent_groups, span, s)` runs one scale's scanned groups."""
     if self.vanilla_vae:
-      s = self.stem_decoder(z)
+      s = self.stem_decoder(z_top)
+    else:
+      s = jnp.broadcast_to(self.prior_ftr0[None], (z_top.shape[0],) + self.prior_ftr0.shape)
+      s = self.dec_combiner_top(s, z_top)
+      for scale, span in enumerate(self.scanned_groups()):
+        if self._latent_index[scale] is not None:
+          s = run_scale(scale, self.latent_groups[self._latent_index[scale]], span, s)
+        if scale < self.num_latent_scales - 1:
+          s = self.up_dec[scale](s, train)
     for cell in self.post_process:
       s = cell(s, train)
     return self.image_conditional(nn.elu(s))
-
-  def _flows(self, z: jax.Array, group: int) -> jax.Array:
-    for n in range(self.num_nf):
-      z = self.nf_cells[group * self.num_nf + n](z)   # volume preserving: log det = 0
-    return z
-
-  def _noise(self, eps, idx: int, shape) -> jax.Array:
-    if eps is not None:
-      return eps[idx]
-    return jax.random.normal(self.make_rng("sample"), shape)
 
   # -------------------------------------------------------------------------------- ELBO path
   def __call__(self, x: jax.Array, train: bool = True, eps: Optional[Sequence[jax.Array]] = None) -> ElboOutput:
@@ -284,57 +406,44 @@ class NVAE(nn.Module):
       train: BN in train mode (batch statistics, running stats updated) or eval mode.
       eps: optional posterior noise per group (top first); drawn from the 'sample' rng if None.
     """
+    scales = self.num_latent_scales
     s = self.stem(2.0 * x - 1.0)
     for cell in self.pre_process:
       s = cell(s, train)
-    combiners, combiner_inputs = [], []
-    for kind, cell in zip(self._enc_kinds, self.enc_tower, strict=True):
-      if kind == "combiner":
-        combiners.append(cell)
-        combiner_inputs.append(s)
-      else:
-        s = cell(s, train)
-    combiners.reverse()
-    combiner_inputs.reverse()
+    enc_states = []                     # per encoder scale: the state after each group's cells
+    for scale in range(scales):
+      if not self.vanilla_vae:
+        s, states = self.enc_groups[scale](s, train)
+        enc_states.append(states)
+      if scale < scales - 1:
+        s = self.down_enc[scale](s, train)
 
     ftr = nn.elu(self.enc0(nn.elu(s)))
-    mu_q, log_sig_q = distributions.split_channels(self.enc_sampler[0](ftr))
-    q = distributions.Normal.from_params(mu_q, log_sig_q)
-    z = q.sample_given_eps(self._noise(eps, 0, mu_q.shape))
-    log_q_conv = q.log_p(z)
-    z = self._flows(z, 0)
+    q = distributions.Normal.from_params(*distributions.split_channels(self.enc_sampler_top(ftr)))
+    z = q.sample_given_eps(eps[0] if eps is not None else jax.random.normal(self.make_rng("sample"), q.mu.shape))
+    log_q = q.log_p(z)
+    for flow in self.nf_top:
+      z = flow(z)
     p = distributions.standard_normal_prior(z.shape, z.dtype)
-    all_q, all_p = [q], [p]
-    all_log_q, all_log_p = [log_q_conv], [p.log_p(z)]
+    terms = [jax.tree.map(lambda a: a[None], _group_terms(q, p, log_q, p.log_p(z), self.num_nf > 0))]
 
-    def next_z(idx_dec, s):
-      mu_p, log_sig_p = self._prior_params(idx_dec, s)
-      ftr = combiners[idx_dec - 1](combiner_inputs[idx_dec - 1], s)
-      mu_q, log_sig_q = distributions.split_channels(self.enc_sampler[idx_dec](ftr))
-      if self.res_dist:
-        q = distributions.Normal.from_params(mu_p + mu_q, log_sig_p + log_sig_q)
-      else:
-        q = distributions.Normal.from_params(mu_q, log_sig_q)
-      z = q.sample_given_eps(self._noise(eps, idx_dec, mu_q.shape))
-      all_log_q.append(q.log_p(z))
-      z = self._flows(z, idx_dec)
-      all_q.append(q)
-      p = distributions.Normal.from_params(mu_p, log_sig_p)
-      all_p.append(p)
-      all_log_p.append(p.log_p(z))
-      return z
+    def run_scale(scale, groups, span, s):
+      start, n = span
+      # Decoder group g of this scale meets the encoder state of group G−1−g of the mirrored
+      # encoder scale; at the top scale the last encoder group fed the top group instead.
+      enc = enc_states[scales - 1 - scale]
+      xs = {"enc": enc[:-1][::-1] if scale == 0 else enc[::-1]}
+      if eps is not None:
+        xs["eps"] = jnp.stack(eps[start:start + n])
+      s, out = groups(s, xs, train, "elbo", 1.0)
+      terms.append(out)
+      return s
 
-    logits = self._decode(z, next_z, train)
-
-    kl_all, kl_diag = [], []
-    log_q = log_p = 0.0
-    for q, p, lq, lp in zip(all_q, all_p, all_log_q, all_log_p, strict=True):
-      kl_per_var = lq - lp if self.num_nf > 0 else q.kl(p)
-      kl_diag.append(jnp.mean(jnp.sum(kl_per_var, axis=(1, 2)), axis=0))
-      kl_all.append(jnp.sum(kl_per_var, axis=(1, 2, 3)))
-      log_q = log_q + jnp.sum(lq, axis=(1, 2, 3))
-      log_p = log_p + jnp.sum(lp, axis=(1, 2, 3))
-    return ElboOutput(logits, log_q, log_p, kl_all, kl_diag)
+    logits = self._decode(z, run_scale, train)
+    stacked = {k: jnp.concatenate([t[k] for t in terms]) for k in terms[0]}
+    return ElboOutput(logits, jnp.sum(stacked["log_q"], 0), jnp.sum(stacked["log_p"], 0),
+                      [stacked["kl_all"][i] for i in range(self.num_groups)],
+                      [stacked["kl_diag"][i] for i in range(self.num_groups)])
 
   # -------------------------------------------------------------------------------- prior path
   def sample_from_eps(self, eps_z: Sequence[jax.Array], temperature: float = 1.0, train: bool = False):
@@ -347,15 +456,15 @@ class NVAE(nn.Module):
     z = p.sample_given_eps(eps_z[0])
     z_list, log_p = [z], jnp.sum(p.log_p(z), axis=(1, 2, 3))
 
-    def next_z(idx_dec, s):
+    def run_scale(scale, groups, span, s):
       nonlocal log_p
-      p = distributions.Normal.from_params(*self._prior_params(idx_dec, s), temperature)
-      z = p.sample_given_eps(eps_z[idx_dec])
-      z_list.append(z)
-      log_p = log_p + jnp.sum(p.log_p(z), axis=(1, 2, 3))
-      return z
+      start, n = span
+      s, out = groups(s, {"eps": jnp.stack(eps_z[start:start + n])}, train, "prior", temperature)
+      z_list.extend(out["z"][i] for i in range(n))
+      log_p = log_p + jnp.sum(out["log_p"], 0)
+      return s
 
-    logits = self._decode(z, next_z, train)
+    logits = self._decode(z, run_scale, train)
     return logits, z_list, log_p
 
   def decoder_distribution(self, logits: jax.Array):

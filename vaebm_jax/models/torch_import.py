@@ -1,8 +1,9 @@
 """Importer for official PyTorch NVAE / VAEBM weights (NVlabs/NVAE, NVlabs/VAEBM state_dicts).
 
 `nvae_variables_from_torch` maps a state_dict (name → numpy array) to this package's
-`{'params', 'batch_stats'}` for `NVAE`. Kernels go from OIHW to HWIO, `log_weight_norm` from
-(C, 1, 1, 1) to (C,), `prior_ftr0` from CHW to HWC, BN `running_*` into 'batch_stats'. The
+`{'params', 'batch_stats'}` for an `NVAE`, whose identical latent groups are stacked per scale.
+Kernels go from OIHW to HWIO, `log_weight_norm` from (C, 1, 1, 1) to (C,), `prior_ftr0` from CHW
+to HWC, BN `running_*` into 'batch_stats'. The
 reference loads with `strict=True`, which can skip tensors silently (VAEBM_SPEC.md §9.15); here
 `check_against` compares every converted tensor with the model's own variables and fails on any
 missing, extra or mis-shaped one.
@@ -107,9 +108,30 @@ def convert_state_dict(state: Mapping[str, np.ndarray], renames=()) -> dict[str,
   return traverse_util.unflatten_dict(flat)
 
 
-def nvae_variables_from_torch(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """Official NVAE state_dict → `{'params', 'batch_stats'}` for `vaebm_jax.models.nvae.NVAE`."""
-  return convert_state_dict(state, _NVAE_RENAMES)
+def restack(tree: Mapping[str, Any], module_map: Mapping[str, tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+  """Moves the reference's flat module-list entries to our paths, stacking scanned groups on axis 0."""
+  flat, stacks = {}, {}
+  for (collection, first, *rest), value in traverse_util.flatten_dict(dict(tree)).items():
+    path, index = module_map.get(first, ((first,), None))
+    key = (collection, *path, *rest)
+    if index is None:
+      flat[key] = value
+    else:
+      stacks.setdefault(key, {})[index] = value
+  for key, parts in stacks.items():
+    missing = sorted(set(range(max(parts) + 1)) - set(parts))
+    if missing:
+      raise ValueError(f"checkpoint lacks groups {missing} of {'/'.join(key)}")
+    flat[key] = np.stack([parts[i] for i in range(len(parts))])
+  return traverse_util.unflatten_dict(flat)
+
+
+def nvae_variables_from_torch(state: Mapping[str, np.ndarray], model) -> dict[str, Any]:
+  """Official NVAE state_dict → `{'params', 'batch_stats'}` for the `NVAE` instance `model`.
+
+  The model fixes the layout: the groups of each latent scale are stacked for its `nn.scan`.
+  """
+  return restack(convert_state_dict(state, _NVAE_RENAMES), model.torch_module_map())
 
 
 def check_against(converted: Mapping[str, Any], reference: Mapping[str, Any]) -> None:
