@@ -12,6 +12,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.cpu_devices = 0
   config.vae_workdir = ml_collections.config_dict.placeholder(str)
+  # The frozen NVAE's latent groups: False = separate modules, straight-line code (Langevin steps
+  # faster on XLA:CPU, experiments/RESULTS.md); True = one nn.scan per scale (fastest compile).
+  config.vae_scan_groups = False
 
   config.data = data = ml_collections.ConfigDict()
   data.name = "cifar10"

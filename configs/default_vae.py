@@ -11,7 +11,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.stage = "vae"
   config.seed = 0
-  config.cpu_devices = 0            # on CPU: simulated devices, one per core (0 = all cores)
+  # On CPU: simulated devices (0 = one per core). One device, using both cores inside each op, ran
+  # the NVAE step faster here than two (experiments/RESULTS.md).
+  config.cpu_devices = 1
 
   config.data = data = ml_collections.ConfigDict()
   data.name = "cifar10"             # cifar10 | celeba64 | lsun_church64 | celebahq256 | fashion_mnist | digits

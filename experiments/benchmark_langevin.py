@@ -34,6 +34,7 @@ flags.DEFINE_string("unroll", "1", "lax.scan unroll: an integer or 'full'")
 flags.DEFINE_integer("devices", 0, "CPU devices to simulate (0 = one per core)")
 flags.DEFINE_string("conv_impl", "auto", "auto | xla | fast_cpu")
 flags.DEFINE_bool("remat", False, "rematerialise decoder cells")
+flags.DEFINE_bool("vae_scan_groups", False, "NVAE latent groups as one nn.scan per scale (stage 2 default: no)")
 flags.DEFINE_bool("all", False, "run the RESULTS.md table, one subprocess per row")
 FLAGS = flags.FLAGS
 
@@ -53,7 +54,8 @@ def run_one():
 
   vae_cfg, ebm_cfg = {"cifar10": (cifar10_vae, cifar10_ebm), "celeba64": (celeba64_vae, celeba64_ebm)}[FLAGS.dataset]
   vae_cfg, ebm_cfg = vae_cfg.get_config(), ebm_cfg.get_config()
-  vae = NVAE(**dict(vae_cfg.model.to_dict(), conv_impl=FLAGS.conv_impl, remat_cells=FLAGS.remat))
+  vae = NVAE(**dict(vae_cfg.model.to_dict(), conv_impl=FLAGS.conv_impl, remat_cells=FLAGS.remat,
+                      scan_groups=FLAGS.vae_scan_groups))
   ebm = EnergyNet(ebm_cfg.ebm.architecture, ebm_cfg.ebm.n_channel, data_init=False, conv_impl=FLAGS.conv_impl)
   size = vae.image_size
   x = jnp.zeros((1, size, size, 3))
@@ -92,7 +94,8 @@ def run_one():
   per_step = min(times) / FLAGS.steps
   print(json.dumps({
       "dataset": FLAGS.dataset, "batch": FLAGS.batch, "devices": mesh.size, "unroll": FLAGS.unroll,
-      "conv_impl": FLAGS.conv_impl, "remat": FLAGS.remat, "steps_per_chain": FLAGS.steps,
+      "conv_impl": FLAGS.conv_impl, "remat": FLAGS.remat,
+      "vae_scan_groups": FLAGS.vae_scan_groups, "steps_per_chain": FLAGS.steps,
       "s_per_step": round(per_step, 4), "images_steps_per_s": round(FLAGS.batch / per_step, 3),
       "compile_s": round(compile_s, 1),
       "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),

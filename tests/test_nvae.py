@@ -142,6 +142,29 @@ def test_decode_from_eps_equals_prior_sampling_for_same_noise():
   np.testing.assert_allclose(out["z"][0], 1.01 * eps_z[0], rtol=1e-6)
 
 
+def test_unscanned_groups_compute_the_same_model():
+  """scan_groups=False (stage 2's straight-line decoder) on unstacked variables = the scanned NVAE."""
+  model = tiny_nvae(num_groups_per_scale=3)
+  x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1))
+  variables = model.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, x, True)
+  variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  flat = model.clone(scan_groups=False)
+  flat_vars = nvae.unstack_groups(variables)
+  assert "latent_groups_1_2" in flat_vars["params"] and "latent_groups_1" not in flat_vars["params"]
+  eps = nvae.sample_latent_noise(jax.random.key(2), model, 2)
+  for train in (False, True):
+    a = model.apply(variables, x, train, eps, mutable=["batch_stats"] if train else False)
+    b = flat.apply(flat_vars, x, train, eps, mutable=["batch_stats"] if train else False)
+    if train:
+      (a, stats_a), (b, stats_b) = a, b
+      jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-6), nvae.unstack_groups(stats_a), stats_b)
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
+    np.testing.assert_allclose(jnp.stack(a.kl_all), jnp.stack(b.kl_all), rtol=1e-5, atol=1e-5)
+  grad = lambda m, v: jax.grad(lambda e: jnp.sum(nvae.decode_from_eps(m, v, e, jnp.zeros_like(x))["x"] ** 2))(eps)
+  for ga, gb in zip(grad(model, variables), grad(flat, flat_vars), strict=True):
+    np.testing.assert_allclose(ga, gb, rtol=1e-5, atol=1e-6)
+
+
 def test_rematerialised_cells_give_same_gradients():
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1))
   grads = []

@@ -21,7 +21,7 @@ flags.mark_flags_as_required(["config"])
 
 
 def _setup_devices(cpu_devices: int) -> None:
-  """Before JAX starts: on CPU, one simulated device per core (XLA:CPU runs a conv on one core)."""
+  """Before JAX starts: on CPU, `cpu_devices` simulated devices (0 = one per core)."""
   import jax
   if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu") and "xla_force_host_platform_device_count" not in \
       os.environ.get("XLA_FLAGS", ""):

@@ -41,8 +41,12 @@ class EBMTrainState:
 # ---------------------------------------------------------------------------------------------- models
 
 
-def load_vae(vae_workdir: Optional[str]):
-  """Restores the stage-1 NVAE: (module, {'params', 'batch_stats'}, its config)."""
+def load_vae(vae_workdir: Optional[str], scan_groups: Optional[bool] = None):
+  """Restores the stage-1 NVAE: (module, {'params', 'batch_stats'}, its config).
+
+  `scan_groups=False` returns the NVAE with separate modules per latent group and its variables
+  unstacked (`nvae.unstack_groups`): what stage 2 uses by default, as Langevin steps run faster.
+  """
   if not vae_workdir:
     raise WorkdirError("config.vae_workdir is not set: pass --config.vae_workdir=W, the workdir of a stage-1 run "
                        "(python -m vaebm_jax.main --config=configs/<dataset>_vae.py --workdir=W)")
@@ -68,6 +72,10 @@ def load_vae(vae_workdir: Optional[str]):
   state = ckpt.restore(target)
   ckpt.close()
   variables = {"params": state.params, "batch_stats": state.batch_stats}
+  if scan_groups is not None and scan_groups != model.scan_groups:
+    if scan_groups:
+      raise ValueError("load_vae can unstack the latent groups of a scanned NVAE, not stack them")
+    model, variables = model.clone(scan_groups=False), nvae.unstack_groups(variables)
   return model, variables, vae_config
 
 
@@ -168,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> EBMTr
   """Trains the EBM of `config` in `workdir` on the NVAE of `config.vae_workdir`; resumes if possible."""
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.train.batch_size, mesh)
-  vae, vae_variables, vae_config = load_vae(config.vae_workdir)
+  vae, vae_variables, vae_config = load_vae(config.vae_workdir, config.get("vae_scan_groups"))
   _check_compatible(config, vae_config)
   repl, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
   vae_variables = jax.device_put(vae_variables, repl)
@@ -252,7 +260,7 @@ def load_vaebm(workdir: str, step: Optional[int] = None):
   config = ckpt.restore_config(step)
   if config.get("stage") != "ebm":
     raise WorkdirError(f"{workdir} is not a stage-2 (EBM) workdir (stage {config.get('stage')!r})")
-  vae, vae_variables, _ = load_vae(config.vae_workdir)
+  vae, vae_variables, _ = load_vae(config.vae_workdir, config.get("vae_scan_groups"))
   ebm = create_ebm(config, data_init=False)
   tx = create_optimizer(config)
   shape = (2, vae.image_size, vae.image_size, vae.image_channels)

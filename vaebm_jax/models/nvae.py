@@ -103,9 +103,30 @@ def _cell_class(remat: bool):
   return nn.remat(Cell, static_argnums=(2,)) if remat else Cell
 
 
-def _scanned(module_cls, length: int, in_axes, unroll: int):
+def _scanned(module_cls, length: int, in_axes):
   return nn.scan(module_cls, variable_axes=_SCANNED_COLLECTIONS, split_rngs={"params": True, "sample": True},
-                 in_axes=in_axes, length=length, unroll=unroll)
+                 in_axes=in_axes, length=length)
+
+
+_GROUP_STACK = re.compile(r"^(enc_groups|latent_groups)_\d+$")
+
+
+def unstack_groups(variables: Any) -> Any:
+  """Variables of a `scan_groups=True` NVAE → those of the same NVAE with `scan_groups=False`.
+
+  `enc_groups_s` / `latent_groups_s`, stacked on axis 0, become `enc_groups_s_g` / `latent_groups_s_g`.
+  """
+  out = {}
+  for collection, tree in variables.items():
+    new = {}
+    for name, sub in tree.items():
+      if _GROUP_STACK.match(name):
+        for g in range(jax.tree.leaves(sub)[0].shape[0]):
+          new[f"{name}_{g}"] = jax.tree.map(lambda a, g=g: a[g], sub)
+      else:
+        new[name] = sub
+    out[collection] = new
+  return out
 
 
 def _group_terms(q, p, log_q: jax.Array, log_p: jax.Array, monte_carlo_kl: bool) -> dict[str, jax.Array]:
@@ -194,7 +215,9 @@ class NVAE(nn.Module):
   scale s, stacked), `down_enc_s`, `enc0`, `enc_sampler_top`, `nf_top_n`, `dec_combiner_top`,
   `latent_groups_s` (all other groups of decoder scale s, stacked: `LatentGroup`), `up_dec_s`,
   `post_process_i`, `image_conditional`, `prior_ftr0`. `torch_module_map` relates it to the
-  reference's flat module lists.
+  reference's flat module lists. With `scan_groups=False` the groups are separate modules
+  (`enc_groups_s_g`, `latent_groups_s_g`; `unstack_groups` converts): straight-line code, slower to
+  compile, faster on XLA:CPU where a loop body loses some fusions (what stage 2's Langevin uses).
   """
   image_size: int = 32
   image_channels: int = 3
@@ -220,7 +243,7 @@ class NVAE(nn.Module):
   arch_instance: str = "res_mbconv"
   conv_impl: str = "auto"
   remat_cells: bool = False    # rematerialise cells in the backward pass (saves memory)
-  scan_unroll: int = 1         # unroll of the per-scale scans over latent groups
+  scan_groups: bool = True     # one nn.scan per scale over its latent groups (see the class docstring)
 
   # -------------------------------------------------------------------------------- layout
   @property
@@ -335,12 +358,16 @@ class NVAE(nn.Module):
           pre.append(cell(int(c_enc * mult), "normal_pre"))
     self.pre_process = pre
 
-    enc_groups, down_enc = [], []
+    def groups(module_cls, scale, n, in_axes, *args):
+      if self.scan_groups:
+        return {str(scale): _scanned(module_cls, n, in_axes)(*args)} if n > 0 else {}
+      return {f"{scale}_{g}": module_cls(*args) for g in range(n)}
+
+    enc_groups, down_enc = {}, []
     if not self.vanilla_vae:
       for s in range(scales):
-        enc_groups.append(_scanned(EncoderGroup, self.groups[s], (nn.broadcast,), self.scan_unroll)(
-            int(c_enc * mult), self.num_cell_per_cond_enc, arch["normal_enc"], self.use_se, impl,
-            self.remat_cells))
+        enc_groups.update(groups(EncoderGroup, s, self.groups[s], (nn.broadcast,), int(c_enc * mult),
+                                 self.num_cell_per_cond_enc, arch["normal_enc"], self.use_se, impl, self.remat_cells))
         if s < scales - 1:
           down_enc.append(cell(int(CHANNEL_MULT * c_enc * mult), "down_enc"))
           mult *= CHANNEL_MULT
@@ -350,22 +377,20 @@ class NVAE(nn.Module):
     self.enc_sampler_top = Conv2D(2 * nz, 3, use_bias=True, conv_impl=impl)
     self.nf_top = [PairedCellAR(nz, impl) for _ in range(self.num_nf)]
 
-    latent_groups, up_dec = [], []
+    latent_groups, up_dec = {}, []
     if self.vanilla_vae:
       self.stem_decoder = Conv2D(int(mult * c_enc), 1, use_bias=True, conv_impl=impl)
     else:
       self.dec_combiner_top = DecCombinerCell(int(c_dec * mult), impl)
       for s, (_, n) in enumerate(self.scanned_groups()):
-        in_axes = (0, nn.broadcast, nn.broadcast, nn.broadcast)
-        latent_groups.append(_scanned(LatentGroup, n, in_axes, self.scan_unroll)(
-            int(c_enc * mult), int(c_dec * mult), self.num_cell_per_cond_dec, nz, self.num_nf,
-            arch["normal_dec"], self.res_dist, self.use_se, impl, self.remat_cells) if n > 0 else None)
+        latent_groups.update(groups(LatentGroup, s, n, (0, nn.broadcast, nn.broadcast, nn.broadcast),
+                                    int(c_enc * mult), int(c_dec * mult), self.num_cell_per_cond_dec, nz,
+                                    self.num_nf, arch["normal_dec"], self.res_dist, self.use_se, impl,
+                                    self.remat_cells))
         if s < scales - 1:
           up_dec.append(cell(int(c_dec * mult / CHANNEL_MULT), "up_dec"))
           mult /= CHANNEL_MULT
-    self.latent_groups, self.up_dec = [g for g in latent_groups if g is not None], up_dec
-    self._latent_index = tuple(None if g is None else sum(x is not None for x in latent_groups[:k])
-                               for k, g in enumerate(latent_groups))
+    self.latent_groups, self.up_dec = latent_groups, up_dec
 
     post = []
     for _ in range(self.num_postprocess_blocks):
@@ -381,16 +406,39 @@ class NVAE(nn.Module):
         use_bias=True, conv_impl=impl)
 
   # -------------------------------------------------------------------------------- helpers
+  def _run_encoder_groups(self, scale: int, s: jax.Array, train: bool):
+    """The encoder groups of one scale → (state, the state after each group's cells)."""
+    n = self.groups[scale]
+    if self.scan_groups:
+      s, states = self.enc_groups[str(scale)](s, train)
+      return s, [states[g] for g in range(n)]
+    states = []
+    for g in range(n):
+      s, _ = self.enc_groups[f"{scale}_{g}"](s, train)
+      states.append(s)
+    return s, states
+
+  def _run_latent_groups(self, scale: int, s: jax.Array, xs: list, *args):
+    """The scanned latent groups of decoder scale `scale` with per-group inputs xs → (state, outputs)."""
+    if self.scan_groups:
+      s, ys = self.latent_groups[str(scale)](s, jax.tree.map(lambda *a: jnp.stack(a), *xs), *args)
+      return s, [jax.tree.map(lambda a, g=g: a[g], ys) for g in range(len(xs))]
+    outs = []
+    for g, x in enumerate(xs):
+      s, out = self.latent_groups[f"{scale}_{g}"](s, x, *args)
+      outs.append(out)
+    return s, outs
+
   def _decode(self, z_top: jax.Array, run_scale, train: bool) -> jax.Array:
-    """Decoder tower; `run_scale(scale, latent_groups, span, s)` runs one scale's scanned groups."""
+    """Decoder tower; `run_scale(scale, span, s)` runs the latent groups (below the top) of a scale."""
     if self.vanilla_vae:
       s = self.stem_decoder(z_top)
     else:
       s = jnp.broadcast_to(self.prior_ftr0[None], (z_top.shape[0],) + self.prior_ftr0.shape)
       s = self.dec_combiner_top(s, z_top)
       for scale, span in enumerate(self.scanned_groups()):
-        if self._latent_index[scale] is not None:
-          s = run_scale(scale, self.latent_groups[self._latent_index[scale]], span, s)
+        if span[1] > 0:
+          s = run_scale(scale, span, s)
         if scale < self.num_latent_scales - 1:
           s = self.up_dec[scale](s, train)
     for cell in self.post_process:
@@ -413,7 +461,7 @@ class NVAE(nn.Module):
     enc_states = []                     # per encoder scale: the state after each group's cells
     for scale in range(scales):
       if not self.vanilla_vae:
-        s, states = self.enc_groups[scale](s, train)
+        s, states = self._run_encoder_groups(scale, s, train)
         enc_states.append(states)
       if scale < scales - 1:
         s = self.down_enc[scale](s, train)
@@ -425,25 +473,22 @@ class NVAE(nn.Module):
     for flow in self.nf_top:
       z = flow(z)
     p = distributions.standard_normal_prior(z.shape, z.dtype)
-    terms = [jax.tree.map(lambda a: a[None], _group_terms(q, p, log_q, p.log_p(z), self.num_nf > 0))]
+    terms = [_group_terms(q, p, log_q, p.log_p(z), self.num_nf > 0)]
 
-    def run_scale(scale, groups, span, s):
+    def run_scale(scale, span, s):
       start, n = span
       # Decoder group g of this scale meets the encoder state of group G−1−g of the mirrored
       # encoder scale; at the top scale the last encoder group fed the top group instead.
       enc = enc_states[scales - 1 - scale]
-      xs = {"enc": enc[:-1][::-1] if scale == 0 else enc[::-1]}
-      if eps is not None:
-        xs["eps"] = jnp.stack(eps[start:start + n])
-      s, out = groups(s, xs, train, "elbo", 1.0)
-      terms.append(out)
+      enc = enc[:-1][::-1] if scale == 0 else enc[::-1]
+      xs = [{"enc": e} if eps is None else {"enc": e, "eps": eps[start + g]} for g, e in enumerate(enc)]
+      s, outs = self._run_latent_groups(scale, s, xs, train, "elbo", 1.0)
+      terms.extend(outs)
       return s
 
     logits = self._decode(z, run_scale, train)
-    stacked = {k: jnp.concatenate([t[k] for t in terms]) for k in terms[0]}
-    return ElboOutput(logits, jnp.sum(stacked["log_q"], 0), jnp.sum(stacked["log_p"], 0),
-                      [stacked["kl_all"][i] for i in range(self.num_groups)],
-                      [stacked["kl_diag"][i] for i in range(self.num_groups)])
+    return ElboOutput(logits, sum(t["log_q"] for t in terms), sum(t["log_p"] for t in terms),
+                      [t["kl_all"] for t in terms], [t["kl_diag"] for t in terms])
 
   # -------------------------------------------------------------------------------- prior path
   def sample_from_eps(self, eps_z: Sequence[jax.Array], temperature: float = 1.0, train: bool = False):
@@ -456,12 +501,13 @@ class NVAE(nn.Module):
     z = p.sample_given_eps(eps_z[0])
     z_list, log_p = [z], jnp.sum(p.log_p(z), axis=(1, 2, 3))
 
-    def run_scale(scale, groups, span, s):
+    def run_scale(scale, span, s):
       nonlocal log_p
       start, n = span
-      s, out = groups(s, {"eps": jnp.stack(eps_z[start:start + n])}, train, "prior", temperature)
-      z_list.extend(out["z"][i] for i in range(n))
-      log_p = log_p + jnp.sum(out["log_p"], 0)
+      s, outs = self._run_latent_groups(scale, s, [{"eps": e} for e in eps_z[start:start + n]], train, "prior",
+                                        temperature)
+      z_list.extend(out["z"] for out in outs)
+      log_p = log_p + sum(out["log_p"] for out in outs)
       return s
 
     logits = self._decode(z, run_scale, train)
