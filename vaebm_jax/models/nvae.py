@@ -285,6 +285,7 @@ class NVAE(nn.Module):
 
     The reference keeps flat lists (`enc_tower.i`, `dec_tower.i`, `enc_sampler.i`,
     `dec_sampler.i`, `nf_cells.i`); keys are written as our importer joins them (`enc_tower_i`).
+    Paths are those of the scanned layout; `unstack_groups` gives the other.
     """
     groups, scales = self.groups, self.num_latent_scales
     out: dict[str, tuple[tuple[str, ...], Optional[int]]] = {}
