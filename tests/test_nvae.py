@@ -1,5 +1,6 @@
 """The NVAE: faithful to the official implementation, right layouts for every config."""
 
+import functools
 import importlib
 
 import jax
@@ -63,7 +64,8 @@ def reference():
   model = golden_nvae(d)
   state = {k[len("nvae/"):]: d[k] for k in d.files if k.startswith("nvae/")}
   variables = torch_import.nvae_variables_from_torch(state, model)
-  init = model.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, jnp.zeros((1, 32, 32, 3)), True)
+  init = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, x, True),
+                        jnp.zeros((1, 32, 32, 3)))
   torch_import.check_against(variables, init)
   return d, model, variables
 
@@ -71,7 +73,8 @@ def reference():
 def test_importer_rejects_missing_tensor(reference):
   d, model, variables = reference
   state = {k[len("nvae/"):]: d[k] for k in d.files if k.startswith("nvae/") and "enc0" not in k}
-  init = model.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, jnp.zeros((1, 32, 32, 3)), True)
+  init = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, x, True),
+                        jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(ValueError, match="missing from checkpoint: params/enc0/kernel"):
     torch_import.check_against(torch_import.nvae_variables_from_torch(state, model), init)
 
@@ -129,7 +132,8 @@ def test_analytic_kl_matches_monte_carlo():
 
 def test_decode_from_eps_equals_prior_sampling_for_same_noise():
   model = tiny_nvae()
-  variables = model.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, jnp.zeros((2, 16, 16, 1)), True)
+  variables = jax.jit(model.init, static_argnums=2)({"params": jax.random.key(0), "sample": jax.random.key(1)},
+                                                   jnp.zeros((2, 16, 16, 1)), True)
   variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   key = jax.random.key(3)
   images = nvae.sample_images(model, variables, key, 3, use_mean=True)
@@ -146,21 +150,23 @@ def test_unscanned_groups_compute_the_same_model():
   """scan_groups=False (stage 2's straight-line decoder) on unstacked variables = the scanned NVAE."""
   model = tiny_nvae(num_groups_per_scale=3)
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1))
-  variables = model.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, x, True)
+  variables = jax.jit(model.init, static_argnums=2)({"params": jax.random.key(0), "sample": jax.random.key(1)}, x, True)
   variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   flat = model.clone(scan_groups=False)
   flat_vars = nvae.unstack_groups(variables)
   assert "latent_groups_1_2" in flat_vars["params"] and "latent_groups_1" not in flat_vars["params"]
   eps = nvae.sample_latent_noise(jax.random.key(2), model, 2)
   for train in (False, True):
-    a = model.apply(variables, x, train, eps, mutable=["batch_stats"] if train else False)
-    b = flat.apply(flat_vars, x, train, eps, mutable=["batch_stats"] if train else False)
+    run = lambda m, v, train=train: jax.jit(functools.partial(m.apply, train=train, mutable=["batch_stats"] if train
+                                                              else False))(v, x, eps=eps)
+    a, b = run(model, variables), run(flat, flat_vars)
     if train:
       (a, stats_a), (b, stats_b) = a, b
       jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-6), nvae.unstack_groups(stats_a), stats_b)
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
     np.testing.assert_allclose(jnp.stack(a.kl_all), jnp.stack(b.kl_all), rtol=1e-5, atol=1e-5)
-  grad = lambda m, v: jax.grad(lambda e: jnp.sum(nvae.decode_from_eps(m, v, e, jnp.zeros_like(x))["x"] ** 2))(eps)
+  energy = lambda m, v, e: jnp.sum(nvae.decode_from_eps(m, v, e, jnp.zeros_like(x))["x"] ** 2)
+  grad = lambda m, v: jax.jit(jax.grad(functools.partial(energy, m, v)))(eps)
   for ga, gb in zip(grad(model, variables), grad(flat, flat_vars), strict=True):
     np.testing.assert_allclose(ga, gb, rtol=1e-5, atol=1e-6)
 
@@ -170,13 +176,13 @@ def test_rematerialised_cells_give_same_gradients():
   grads = []
   for remat in (False, True):
     model = tiny_nvae(remat_cells=remat)
-    v = model.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, x, True)
+    v = jax.jit(model.init, static_argnums=2)({"params": jax.random.key(0), "sample": jax.random.key(1)}, x, True)
 
     def loss(p):
       out, _ = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x, True, rngs={"sample": jax.random.key(2)},
                            mutable=["batch_stats", "normalized_weights"])
       return jnp.sum(out.logits ** 2) + jnp.sum(out.log_q)
-    grads.append(jax.grad(loss)(v["params"]))
+    grads.append(jax.jit(jax.grad(loss))(v["params"]))
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -204,7 +210,8 @@ def test_decode_from_eps_refuses_decoders_without_eps_path():
 
 def test_temperature_scales_every_prior_sigma_and_readjusted_bn_tracks_samples():
   model = tiny_nvae()
-  variables = model.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, jnp.zeros((2, 16, 16, 1)), True)
+  variables = jax.jit(model.init, static_argnums=2)({"params": jax.random.key(0), "sample": jax.random.key(1)},
+                                                   jnp.zeros((2, 16, 16, 1)), True)
   variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   eps = nvae.sample_latent_noise(jax.random.key(2), model, 4)
   _, z_cold, _ = model.apply(variables, eps, 0.7, False, method=nvae.NVAE.sample_from_eps)
