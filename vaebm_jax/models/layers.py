@@ -125,7 +125,7 @@ def _dense_bwd(res, g):
   x, w = res
   k = w.shape[0]
   p = (k - 1) // 2
-  batch, height, width, c_in = x.shape
+  _, height, width, c_in = x.shape
   dx = _conv_same(g, jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)))
   xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
   patches = jnp.concatenate([xp[:, i:i + height, j:j + width, :] for i in range(k) for j in range(k)], axis=-1)

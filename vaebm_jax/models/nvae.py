@@ -477,7 +477,7 @@ class NVAE(nn.Module):
     terms = [_group_terms(q, p, log_q, p.log_p(z), self.num_nf > 0)]
 
     def run_scale(scale, span, s):
-      start, n = span
+      start = span[0]
       # Decoder group g of this scale meets the encoder state of group G−1−g of the mirrored
       # encoder scale; at the top scale the last encoder group fed the top group instead.
       enc = enc_states[scales - 1 - scale]
