@@ -74,7 +74,8 @@ def load_vae(vae_workdir: Optional[str], scan_groups: Optional[bool] = None):
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   if scan_groups is not None and scan_groups != model.scan_groups:
     if scan_groups:
-      raise ValueError("load_vae can unstack the latent groups of a scanned NVAE, not stack them")
+      raise WorkdirError(f"the NVAE in {vae_workdir} was trained with model.scan_groups=False; run stage 2 with "
+                         f"--config.vae_scan_groups=False")
     model, variables = model.clone(scan_groups=False), nvae.unstack_groups(variables)
   return model, variables, vae_config
 
