@@ -78,3 +78,30 @@ def test_learning_rate_warmup_then_cosine_per_epoch():
   np.testing.assert_allclose(schedule(25), 1e-2, rtol=1e-6)              # epoch 2: cosine step 0
   np.testing.assert_allclose(schedule(30), schedule(39), rtol=1e-6)      # constant within an epoch
   np.testing.assert_allclose(schedule(119), 1e-4 + (1e-2 - 1e-4) * (1 + np.cos(np.pi * 9 / 9)) / 2, rtol=1e-5)
+
+
+def _gaussian_logits(mu: float, log_sigma: float, shape=(2, 4, 4, 1)):
+  """Decoder logits whose soft-clamped mean is `mu` and whose soft-clamped log σ is `log_sigma`."""
+  raw = lambda v: 5.0 * np.arctanh(v / 5.0)
+  return jnp.concatenate([jnp.full(shape, raw(mu)), jnp.full(shape, raw(log_sigma))], axis=-1)
+
+
+def test_stage1_reconstruction_uses_nvae_density_without_floor():
+  """NVAE trains on log N(2x − 1; μ, σ) with no floor (SPEC §1.3 item 5, §5.5): a decoder that is
+  sharper than VAEBM's σ' ≥ 0.145 floor on the right mean must get the higher likelihood."""
+  from vaebm_jax.models import distributions
+  x = jnp.full((2, 4, 4, 1), 0.75)                       # 2x − 1 = 0.5 = the decoder mean
+  sharp = distributions.NormalDecoder(_gaussian_logits(0.5, -4.0))      # σ = e^−4 + 0.01 ≈ 0.028
+  at_floor = distributions.NormalDecoder(_gaussian_logits(0.5, -2.0))   # σ = e^−2 + 0.01 ≈ 0.145
+  ll_sharp = objectives.reconstruction_log_prob(sharp, x)
+  ll_floor = objectives.reconstruction_log_prob(at_floor, x)
+  assert np.all(ll_sharp > ll_floor + 16 * 1.5)          # log(0.145/0.028) ≈ 1.64 nats per pixel
+  sigma = np.exp(-4.0) + 0.01
+  np.testing.assert_allclose(ll_sharp, 16 * (-0.5 * np.log(2 * np.pi) - np.log(sigma)), rtol=1e-5)
+  # The stage-2 potential keeps VAEBM's floor: both decoders have the same floored density there.
+  np.testing.assert_allclose(jnp.sum(sharp.floored_log_prob(x), axis=(1, 2, 3)),
+                             jnp.sum(at_floor.floored_log_prob(x), axis=(1, 2, 3)), rtol=1e-5)
+  # Below the floor the stage-1 gradient still pushes log σ down (with the floor it was exactly 0).
+  grad = jax.grad(lambda l: jnp.sum(objectives.reconstruction_log_prob(distributions.NormalDecoder(l), x)))(
+      _gaussian_logits(0.5, -3.0))
+  assert np.all(np.asarray(grad[..., 1:]) < 0)

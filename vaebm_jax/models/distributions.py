@@ -65,7 +65,13 @@ def split_channels(params: jax.Array):
 class NormalDecoder:
   """Per-pixel Gaussian on [−1, 1] (what VAEBM uses, `num_mixture_dec` = 1).
 
-  Sampling uses σ_x; the density uses σ' with log σ' floored at −2 (VAEBM's `dist1`).
+  Two densities (VAEBM_SPEC.md §1.3 item 5, §5.5):
+  - `log_prob`: NVAE's own, log N(2x − 1; μ_x, σ_x) with no floor: the stage-1 training objective,
+    the test NELBO and the VAE's likelihood estimates.
+  - `floored_log_prob`: VAEBM's, with log σ' = max(softclamp5(s̃_x), −2), so σ' ≥ 0.145 (its `dist1`):
+    only the stage-2 Langevin potential uses it. Training stage 1 on it caps the μ-gradient of the
+    reconstruction and never pushes σ_x below 0.145.
+  Sampling uses σ_x in both cases.
   """
   logits: jax.Array
 
@@ -78,6 +84,11 @@ class NormalDecoder:
     return Normal.from_params(*split_channels(self.logits), log_sigma_floor=-2.0)
 
   def log_prob(self, x: jax.Array) -> jax.Array:
+    """NVAE's density of 2x − 1 per pixel and channel, σ_x unfloored (stage 1)."""
+    return self.dist.log_p(2.0 * x - 1.0)
+
+  def floored_log_prob(self, x: jax.Array) -> jax.Array:
+    """VAEBM's density of 2x − 1 with σ' ≥ e^−2 + 0.01 (the stage-2 potential, §1.3 item 5)."""
     return self.floored_dist.log_p(2.0 * x - 1.0)
 
   def sample_given_eps(self, eps: jax.Array) -> jax.Array:

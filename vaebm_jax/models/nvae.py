@@ -545,7 +545,7 @@ def decode_from_eps(model: NVAE, variables: Any, eps_z: Sequence[jax.Array], eps
       "x": x,
       "mean": dist.mean(),
       "log_p_z": log_p_z,
-      "log_p_x_given_z": jnp.sum(dist.log_prob(x), axis=(1, 2, 3)),
+      "log_p_x_given_z": jnp.sum(dist.floored_log_prob(x), axis=(1, 2, 3)),
       "z": z,
   }
 
