@@ -8,6 +8,7 @@ setup(
     description="VAEBM: a VAE (NVAE) refined by an energy-based model, with Langevin dynamics in the "
                 "VAE's noise space, in JAX/Flax",
     packages=find_packages(include=["vaebm_jax", "vaebm_jax.*", "configs"]),
+    package_data={"vaebm_jax.metrics": ["weights/*.npz"]},   # the small-dataset classifiers (metrics.classifier)
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.8",
@@ -24,6 +25,8 @@ setup(
         "grain>=0.2.10",                # tfds.data_source + grain pipelines
         "array-record>=0.7",
         "scikit-learn",                 # bundled 8×8 digits for the offline quickstart
+        "scipy",                        # FID's matrix square root
+        "matplotlib",                   # the experiments' figures
         "pillow",
         "numpy",
         "absl-py",

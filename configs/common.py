@@ -7,12 +7,16 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections
   """Applies a comma-separated list of variants. `smoke`: a run of a few steps on a tiny model."""
   for variant in filter(None, (arg or "").split(",")):
     if variant == "smoke" and config.stage == "ebm":
-      config.ebm.update(n_channel=8, data_init_batches=1)
+      config.ebm.update(n_channel=32 if config.ebm.architecture == "mlp" else 8, data_init_batches=1)
       config.train.update(batch_size=8, num_train_steps=6, log_every_steps=2, image_every_steps=6,
                           checkpoint_every_steps=3, num_image_samples=8)
       config.langevin.update(train_steps=2, test_steps=3)
       config.buffer.update(size=32, anneal_steps=4)
       config.sample.update(num_samples=8, batch_size=4)
+    elif variant == "smoke" and config.get("model_type") == "mlp_vae":
+      config.model.update(hidden=32, num_layers=2)
+      config.train.update(batch_size=64, num_train_steps=40, log_every_steps=10, checkpoint_every_steps=20,
+                          eval_every_steps=20, num_eval_batches=2, eval_batch_size=100)
     elif variant == "smoke":
       m = config.model
       m.update(num_channels_enc=8, num_channels_dec=8, num_groups_per_scale=min(m.num_groups_per_scale, 2),

@@ -20,7 +20,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   data.data_dir = ml_collections.config_dict.placeholder(str)   # tfds data_dir or IDX directory
   data.random_flip = True
 
-  # NVAE(**config.model)
+  # MODELS[model_type](**config.model): 'nvae' (NVAE) or 'mlp_vae' (the 2-D experiment's MLP VAE)
+  config.model_type = "nvae"
   config.model = model = ml_collections.ConfigDict()
   model.image_size = 32
   model.image_channels = 3

@@ -54,7 +54,8 @@ def main(_):
       row(f"elbo_{mode}/kl_diag (all groups)", np.stack(out.kl_diag),
           np.stack([ref(f"kl_diag/{i}") for i in range(model.num_groups)]), impl)
       row(f"elbo_{mode}/recon_log_prob",
-          jnp.sum(distributions.NormalDecoder(out.logits).floored_log_prob(x), axis=(1, 2, 3)), ref("recon_log_prob"), impl)
+          jnp.sum(distributions.NormalDecoder(out.logits).floored_log_prob(x), axis=(1, 2, 3)), ref("recon_log_prob"),
+          impl)
     eps_z = [nchw_to_nhwc(d[f"in/eps_z/{i}"]) for i in range(model.num_groups)]
     eps_x = nchw_to_nhwc(d["in/eps_x"])
     out = nvae.decode_from_eps(model, vv, eps_z, eps_x)

@@ -1,7 +1,12 @@
 """VAEBM sampling in the VAE's reparameterised noise space (VAEBM_SPEC.md §1.3, §1.4, §2, §3.3).
 
 Pure functions: the potentials U(ε), one Langevin update, a `jax.lax.scan` chain, the public
-`sample_fn`, and a replay buffer of ε_z kept on device.
+`sample_fn`, and a replay buffer of ε_z kept on device. Everything runs on any VAE that implements
+`models.interface.ReparameterizedVAE` (the NVAE, the MLP VAE, or one of your own).
+
+Pixel space (`space='pixel'`): the same chain on x with U(x) = E(x) alone, started at the VAE's
+samples (the paper's "Langevin in x-space" ablation, §7.2) or at uniform noise (a plain short-run
+EBM); a baseline, not VAEBM.
 
 Langevin update (§2): ε ← ε − (η/2)·∇_ε U(ε) + √η·ξ over ε_z and ε_x jointly, with the VAE in
 eval-mode BN and both networks frozen; the gradient is that of Σ_b U(ε_b) w.r.t. ε only.
@@ -16,12 +21,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vaebm_jax.models import nvae as nvae_lib
+from vaebm_jax.models.interface import ReparameterizedVAE, check_vae
 
 POTENTIALS = ("code", "paper")
+SPACES = ("eps", "pixel")
+PIXEL_INITS = ("vae_mean", "vae_sample", "noise")
 
 
-def potential_fn(eps_z: Sequence[jax.Array], eps_x: jax.Array, params: Any, *, vae: nvae_lib.NVAE,
+def potential_fn(eps_z: Sequence[jax.Array], eps_x: jax.Array, params: Any, *, vae: ReparameterizedVAE,
                  ebm: nn.Module, potential: str = "code", temperature: float = 1.0):
   """U(ε) per sample, and the energy E(x) of the decoded image.
 
@@ -32,7 +39,7 @@ def potential_fn(eps_z: Sequence[jax.Array], eps_x: jax.Array, params: Any, *, v
   Returns:
     (U, E), each of shape (B,).
   """
-  out = nvae_lib.decode_from_eps(vae, params["vae"], eps_z, eps_x, temperature)
+  out = vae.decode_from_eps(params["vae"], eps_z, eps_x, temperature)
   energy = ebm.apply(params["ebm"], out["x"])
   if potential == "code":
     return energy - out["log_p_z"] - out["log_p_x_given_z"], energy
@@ -42,19 +49,21 @@ def potential_fn(eps_z: Sequence[jax.Array], eps_x: jax.Array, params: Any, *, v
   raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
 
 
-def langevin_step(eps, key: jax.Array, grad_fn: Callable, step_size: float):
-  """One update ε ← ε − (η/2)∇U + √η ξ for a pytree ε; `grad_fn(ε) → (∇ Σ U, aux)`."""
+def langevin_step(eps, key: jax.Array, grad_fn: Callable, step_size: float, noise_scale: float = 1.0):
+  """One update ε ← ε − (η/2)∇U + c·√η ξ for a pytree ε (c = `noise_scale`, 1 for Langevin dynamics);
+  `grad_fn(ε) → (∇ Σ U, aux)`."""
   grads, aux = grad_fn(eps)
   leaves, treedef = jax.tree.flatten(eps)
   keys = jax.random.split(key, len(leaves))
   noise = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves,
                                                                                                 strict=True)])
-  new = jax.tree.map(lambda e, g, n: e - 0.5 * step_size * g + jnp.sqrt(step_size) * n, eps, grads, noise)
+  new = jax.tree.map(lambda e, g, n: e - 0.5 * step_size * g + noise_scale * jnp.sqrt(step_size) * n, eps, grads,
+                     noise)
   return new, aux
 
 
 def langevin_chain(eps, key: jax.Array, potential: Callable, *, num_steps: int, step_size: float,
-                   unroll: int | bool = 1):
+                   unroll: int | bool = 1, noise_scale: float = 1.0):
   """Runs `num_steps` Langevin updates as one `jax.lax.scan`.
 
   Args:
@@ -62,6 +71,7 @@ def langevin_chain(eps, key: jax.Array, potential: Callable, *, num_steps: int, 
     potential: ε → (U per sample, aux per sample).
     unroll: passed to lax.scan (True unrolls fully; on CPU with the fast conv path it gained nothing,
       experiments/RESULTS.md).
+    noise_scale: multiplies the √η noise (1 = Langevin dynamics; short-run EBMs often use less).
   Returns:
     (final ε, per-step mean U (num_steps,), per-step aux (num_steps, B)).
   """
@@ -74,7 +84,7 @@ def langevin_chain(eps, key: jax.Array, potential: Callable, *, num_steps: int, 
     return grads, per_sample
 
   def body(e, k):
-    e, (u, aux) = langevin_step(e, k, grad_fn, step_size)
+    e, (u, aux) = langevin_step(e, k, grad_fn, step_size, noise_scale)
     return e, (jnp.mean(u), aux)
 
   final, (energies, aux) = jax.lax.scan(body, eps, jax.random.split(key, num_steps), unroll=unroll)
@@ -93,18 +103,54 @@ def default_mesh() -> jax.sharding.Mesh:
   return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def initial_noise(key: jax.Array, vae: nvae_lib.NVAE, num_samples: int, mesh: Optional[jax.sharding.Mesh] = None):
+def latent_noise(key: jax.Array, vae: ReparameterizedVAE, num_samples: int) -> list[jax.Array]:
+  """Standard-normal ε_z for every latent group of `vae`, top group first."""
+  shapes = vae.latent_shapes()
+  keys = jax.random.split(key, len(shapes))
+  return [jax.random.normal(k, (num_samples,) + tuple(shape)) for k, shape in zip(keys, shapes, strict=True)]
+
+
+def initial_noise(key: jax.Array, vae: ReparameterizedVAE, num_samples: int,
+                  mesh: Optional[jax.sharding.Mesh] = None):
   """Fresh ε_z (one array per latent group, top first) and ε_x ~ N(0, I), sharded over `mesh`."""
   k_z, k_x = jax.random.split(key)
-  eps_z = [_shard(e, mesh) for e in nvae_lib.sample_latent_noise(k_z, vae, num_samples)]
-  eps_x = _shard(jax.random.normal(k_x, (num_samples, vae.image_size, vae.image_size, vae.image_channels)), mesh)
+  eps_z = [_shard(e, mesh) for e in latent_noise(k_z, vae, num_samples)]
+  eps_x = _shard(jax.random.normal(k_x, (num_samples,) + tuple(vae.image_shape)), mesh)
   return eps_z, eps_x
 
 
-def sample_fn(key: jax.Array, params: Any, *, vae: nvae_lib.NVAE, ebm: nn.Module, num_samples: int,
+def vae_samples(key: jax.Array, vae_variables: Any, *, vae: ReparameterizedVAE, num_samples: int,
+                temperature: float = 1.0, use_mean: bool = True, mesh: Optional[jax.sharding.Mesh] = None):
+  """Ancestral samples of the VAE alone: T_θ(ε) for fresh ε; the decoder mean (§1.5) or the sample x."""
+  eps_z, eps_x = initial_noise(key, vae, num_samples, mesh)
+  out = vae.decode_from_eps(vae_variables, eps_z, eps_x, temperature)
+  return out["mean"] if use_mean else out["x"]
+
+
+def initial_pixels(key: jax.Array, params: Any, *, vae: ReparameterizedVAE, num_samples: int, init: str,
+                   temperature: float = 1.0, mesh: Optional[jax.sharding.Mesh] = None) -> jax.Array:
+  """Start of a pixel-space chain: the VAE's decoder mean (clipped to [0, 1] for images), its sample
+  x, or uniform noise on [0, 1]."""
+  if init == "noise":
+    return _shard(jax.random.uniform(key, (num_samples,) + tuple(vae.image_shape)), mesh)
+  if init not in PIXEL_INITS:
+    raise ValueError(f"pixel_init must be one of {PIXEL_INITS}, got {init!r}")
+  x = vae_samples(key, params["vae"], vae=vae, num_samples=num_samples, temperature=temperature,
+                  use_mean=init == "vae_mean", mesh=mesh)
+  return jnp.clip(x, 0.0, 1.0) if len(vae.image_shape) == 3 else x
+
+
+def pixel_potential_fn(x: jax.Array, params: Any, *, ebm: nn.Module):
+  """U(x) = E(x) per sample (the EBM alone, in pixel space), and E as the aux output."""
+  energy = ebm.apply(params["ebm"], x)
+  return energy, energy
+
+
+def sample_fn(key: jax.Array, params: Any, *, vae: ReparameterizedVAE, ebm: nn.Module, num_samples: int,
               num_steps: int, step_size: float, potential: str = "code", temperature: float = 1.0,
               unroll: int | bool = 1, clip: bool = True, return_eps: bool = False,
-              return_energies: bool = False, mesh: Optional[jax.sharding.Mesh] = None):
+              return_energies: bool = False, mesh: Optional[jax.sharding.Mesh] = None, space: str = "eps",
+              pixel_init: str = "vae_mean", noise_scale: float = 1.0):
   """Draws VAEBM samples: ε-space Langevin from N(0, I), then the decoder mean (§1.5).
 
   A pure function of (key, params); `vae` and `ebm` are static modules, so wrap it as
@@ -114,35 +160,49 @@ def sample_fn(key: jax.Array, params: Any, *, vae: nvae_lib.NVAE, ebm: nn.Module
 
   Args:
     key: PRNG key.
-    params: {'vae': NVAE variables (params, batch_stats), 'ebm': energy-net variables}.
+    params: {'vae': VAE variables (NVAE: params, batch_stats), 'ebm': energy-net variables}.
+    vae: any `models.interface.ReparameterizedVAE` (an `NVAE` module, an `MLPVAE`, ...).
     num_steps, step_size: Langevin steps K and η (§2 table; η/2 multiplies ∇U, √η the noise).
     potential: 'code' (default) or 'paper' (§1.4).
     temperature: prior temperature t (VAEBM uses 1).
     unroll: lax.scan unroll of the chain.
-    clip: clip the mean image to [0, 1] (the reference instead min-max rescales each image when saving).
+    clip: clip image outputs to [0, 1] (the reference instead min-max rescales each image when saving;
+      `evaluate.export_images` does either). Ignored for non-image data.
     return_eps, return_energies: also return the final (ε_z, ε_x) and the per-step mean U.
     mesh: 1-D ('data',) mesh to split the samples over; default: all devices.
+    space: 'eps' (VAEBM) or 'pixel' (baselines: Langevin on x with U = E(x); returns the final x).
+    pixel_init: start of a pixel-space chain, 'vae_mean', 'vae_sample' or 'noise' (uniform on [0, 1]).
+    noise_scale: multiplies the √η noise (1 = Langevin dynamics).
   Returns:
-    images (num_samples, H, W, C) in [0, 1], plus the requested extras in a dict.
+    images (num_samples, *vae.image_shape) (in [0, 1] for images), plus the requested extras in a dict.
   """
+  vae = check_vae(vae)
+  if space not in SPACES:
+    raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+  mesh = default_mesh() if mesh is None else mesh
   k_init, k_chain = jax.random.split(key)
-  eps = initial_noise(k_init, vae, num_samples, default_mesh() if mesh is None else mesh)
-  potential_of = lambda e: potential_fn(e[0], e[1], params, vae=vae, ebm=ebm, potential=potential,
-                                        temperature=temperature)
-  eps, energies, _ = langevin_chain(eps, k_chain, potential_of, num_steps=num_steps, step_size=step_size,
-                                    unroll=unroll)
-  eps_z, eps_x = eps
-  images = nvae_lib.decode_from_eps(vae, params["vae"], eps_z, eps_x, temperature)["mean"]
-  if clip:
-    images = jnp.clip(images, 0.0, 1.0)
-  if not (return_eps or return_energies):
-    return images
   extras = {}
-  if return_eps:
-    extras["eps_z"], extras["eps_x"] = eps_z, eps_x
+  if space == "eps":
+    eps = initial_noise(k_init, vae, num_samples, mesh)
+    potential_of = lambda e: potential_fn(e[0], e[1], params, vae=vae, ebm=ebm, potential=potential,
+                                          temperature=temperature)
+    eps, energies, _ = langevin_chain(eps, k_chain, potential_of, num_steps=num_steps, step_size=step_size,
+                                      unroll=unroll, noise_scale=noise_scale)
+    eps_z, eps_x = eps
+    images = vae.decode_from_eps(params["vae"], eps_z, eps_x, temperature)["mean"]
+    if return_eps:
+      extras["eps_z"], extras["eps_x"] = eps_z, eps_x
+  else:
+    x = initial_pixels(k_init, params, vae=vae, num_samples=num_samples, init=pixel_init, temperature=temperature,
+                       mesh=mesh)
+    images, energies, _ = langevin_chain(x, k_chain, lambda x: pixel_potential_fn(x, params, ebm=ebm),
+                                         num_steps=num_steps, step_size=step_size, unroll=unroll,
+                                         noise_scale=noise_scale)
+  if clip and len(vae.image_shape) == 3:
+    images = jnp.clip(images, 0.0, 1.0)
   if return_energies:
     extras["energies"] = energies
-  return images, extras
+  return (images, extras) if (return_eps or return_energies) else images
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +221,7 @@ class ReplayBuffer:
     return self.eps_z[0].shape[0]
 
 
-def init_replay_buffer(vae: nvae_lib.NVAE, capacity: int) -> ReplayBuffer:
+def init_replay_buffer(vae: ReparameterizedVAE, capacity: int) -> ReplayBuffer:
   return ReplayBuffer([jnp.zeros((capacity,) + s, jnp.float32) for s in vae.latent_shapes()],
                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
@@ -210,5 +270,7 @@ def load_vaebm(workdir: str, step: Optional[int] = None):
   return train_ebm.load_vaebm(workdir, step)
 
 
-__all__ = ["POTENTIALS", "ReplayBuffer", "init_replay_buffer", "langevin_chain", "langevin_step", "load_vaebm",
-           "potential_fn", "push_replay_buffer", "replay_probability", "sample_fn", "sample_initial_eps_z"]
+__all__ = ["PIXEL_INITS", "POTENTIALS", "SPACES", "ReplayBuffer", "init_replay_buffer", "initial_noise",
+           "initial_pixels", "langevin_chain", "langevin_step", "latent_noise", "load_vaebm", "pixel_potential_fn",
+           "potential_fn", "push_replay_buffer", "replay_probability", "sample_fn", "sample_initial_eps_z",
+           "vae_samples"]

@@ -23,6 +23,8 @@ from clu import metric_writers, periodic_actions
 from vaebm_jax import checkpoint, data, objectives, optim, parallel, sampling, train_vae, visualize
 from vaebm_jax.models import nvae
 from vaebm_jax.models.energy import EnergyNet
+from vaebm_jax.models.mlp import MLPEnergy
+from vaebm_jax.train_vae import due
 
 
 class WorkdirError(RuntimeError):
@@ -62,17 +64,16 @@ def load_vae(vae_workdir: Optional[str], scan_groups: Optional[bool] = None):
   if vae_config.get("stage") != "vae":
     raise WorkdirError(f"{vae_workdir} is not a stage-1 (NVAE) workdir (stage {vae_config.get('stage')!r})")
   model = train_vae.create_model(vae_config)
-  if model.decoder != "normal":
+  if getattr(model, "decoder", "normal") != "normal":
     raise WorkdirError(f"the NVAE in {vae_workdir} uses the {model.decoder!r} decoder; VAEBM needs the Gaussian "
                        f"decoder (model.decoder='normal'), the only one with an ε_x path")
   tx, _ = train_vae.create_optimizer(vae_config, 1, 1)
-  shape = (vae_config.model.image_size, vae_config.model.image_size, vae_config.model.image_channels)
-  target = jax.eval_shape(functools.partial(train_vae.create_train_state, model, tx, image_shape=shape),
+  target = jax.eval_shape(functools.partial(train_vae.create_train_state, model, tx, image_shape=model.image_shape),
                           jax.random.key(0))
   state = ckpt.restore(target)
   ckpt.close()
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  if scan_groups is not None and scan_groups != model.scan_groups:
+  if scan_groups is not None and isinstance(model, nvae.NVAE) and scan_groups != model.scan_groups:
     if scan_groups:
       raise WorkdirError(f"the NVAE in {vae_workdir} was trained with model.scan_groups=False; run stage 2 with "
                          f"--config.vae_scan_groups=False")
@@ -80,8 +81,12 @@ def load_vae(vae_workdir: Optional[str], scan_groups: Optional[bool] = None):
   return model, variables, vae_config
 
 
-def create_ebm(config: ml_collections.ConfigDict, data_init: Optional[bool] = None) -> EnergyNet:
+def create_ebm(config: ml_collections.ConfigDict, data_init: Optional[bool] = None):
+  """The energy network: a conv ResNet of VAEBM_SPEC.md §4, or an MLP (`architecture='mlp'`, for 2-D data,
+  `n_channel` hidden units)."""
   e = config.ebm
+  if e.architecture == "mlp":
+    return MLPEnergy(e.n_channel, e.get("num_layers", 3))
   return EnergyNet(e.architecture, e.n_channel, e.data_init if data_init is None else data_init, e.conv_impl)
 
 
@@ -96,7 +101,7 @@ def create_train_state(ebm: EnergyNet, vae: nvae.NVAE, tx, key: jax.Array, init_
   forward pass), the optimiser, the power-iteration state and an empty replay buffer."""
   k_params, k_sr = jax.random.split(key)
   variables = ebm.init(k_params, init_images)
-  spectral = objectives.init_spectral_state(k_sr, variables["normalized_weights"], num_iter=40)
+  spectral = objectives.init_spectral_state(k_sr, variables.get("normalized_weights", {}), num_iter=40)
   buffer = sampling.init_replay_buffer(vae, config.buffer.size) if config.buffer.use else None
   return EBMTrainState(jnp.zeros((), jnp.int32), variables["params"], tx.init(variables["params"]), spectral, buffer)
 
@@ -106,21 +111,33 @@ def create_train_state(ebm: EnergyNet, vae: nvae.NVAE, tx, key: jax.Array, init_
 
 def negatives(state: EBMTrainState, key: jax.Array, *, vae, vae_variables, ebm, config, batch_size: int,
               mesh=None):
-  """Short-run ε-space Langevin from fresh noise (or the buffer); returns x⁻ and chain diagnostics."""
+  """Short-run Langevin from fresh noise (or the buffer); returns x⁻ and chain diagnostics.
+
+  `langevin.space='eps'` is VAEBM (§3.1); 'pixel' runs the chain on x with U = E(x) from
+  `langevin.pixel_init` (VAE samples: the paper's x-space ablation; 'noise': a short-run EBM).
+  """
   lv = config.langevin
   k_init, k_buffer, k_chain = jax.random.split(key, 3)
+  params = {"vae": vae_variables, "ebm": {"params": jax.lax.stop_gradient(state.params)}}
+  if lv.get("space", "eps") == "pixel":
+    x = sampling.initial_pixels(k_init, params, vae=vae, num_samples=batch_size, init=lv.pixel_init,
+                                temperature=lv.temperature, mesh=mesh)
+    x, chain_energies, _ = sampling.langevin_chain(
+        x, k_chain, lambda x: sampling.pixel_potential_fn(x, params, ebm=ebm), num_steps=lv.train_steps,
+        step_size=lv.step_size, unroll=lv.unroll, noise_scale=lv.get("noise_scale", 1.0))
+    return jax.lax.stop_gradient(x), None, chain_energies, jnp.zeros((), jnp.int32)
   eps_z, eps_x = sampling.initial_noise(k_init, vae, batch_size, mesh)
   num_replayed = jnp.zeros((), jnp.int32)
   if state.buffer is not None:
     probability = sampling.replay_probability(state.step, config.buffer.p_max, config.buffer.anneal_steps)
     eps_z, num_replayed = sampling.sample_initial_eps_z(state.buffer, k_buffer, eps_z, probability)
-  params = {"vae": vae_variables, "ebm": {"params": jax.lax.stop_gradient(state.params)}}
   potential = lambda e: sampling.potential_fn(e[0], e[1], params, vae=vae, ebm=ebm, potential=lv.potential,
                                               temperature=lv.temperature)
   (eps_z, eps_x), chain_energies, _ = sampling.langevin_chain(
-      (eps_z, eps_x), k_chain, potential, num_steps=lv.train_steps, step_size=lv.step_size, unroll=lv.unroll)
+      (eps_z, eps_x), k_chain, potential, num_steps=lv.train_steps, step_size=lv.step_size, unroll=lv.unroll,
+      noise_scale=lv.get("noise_scale", 1.0))
   eps_z, eps_x = jax.lax.stop_gradient((eps_z, eps_x))
-  out = nvae.decode_from_eps(vae, vae_variables, eps_z, eps_x, lv.temperature)
+  out = vae.decode_from_eps(vae_variables, eps_z, eps_x, lv.temperature)
   x_neg = out["mean"] if config.train.use_mu_cd else out["x"]   # use_mu_cd: 0.5μ + 0.5, not clipped
   return x_neg, eps_z, chain_energies, num_replayed
 
@@ -135,7 +152,7 @@ def train_step(state: EBMTrainState, batch: jax.Array, key: jax.Array, *, vae, v
   def loss_fn(params):
     e_pos, mutated = ebm.apply({"params": params}, batch, mutable=["normalized_weights"])
     e_neg = ebm.apply({"params": params}, x_neg)
-    spectral, new_spectral = objectives.spectral_norm_penalty(mutated["normalized_weights"], state.spectral)
+    spectral, new_spectral = objectives.spectral_norm_penalty(mutated.get("normalized_weights", {}), state.spectral)
     loss = jnp.mean(e_pos) - jnp.mean(e_neg) + config.train.alpha_s * spectral
     return loss, (new_spectral, {"energy_pos": jnp.mean(e_pos), "energy_neg": jnp.mean(e_neg),
                                  "energy_diff": jnp.mean(e_pos) - jnp.mean(e_neg), "spectral_norm": spectral})
@@ -161,12 +178,17 @@ def train_step(state: EBMTrainState, batch: jax.Array, key: jax.Array, *, vae, v
 
 
 def sampling_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The keyword arguments of `sampling.sample_fn` that a stage-2 config fixes (test-time chain)."""
   lv = config.langevin
   return dict(num_steps=lv.test_steps, step_size=lv.step_size, potential=lv.potential,
-              temperature=lv.temperature, unroll=lv.unroll)
+              temperature=lv.temperature, unroll=lv.unroll, space=lv.get("space", "eps"),
+              pixel_init=lv.get("pixel_init", "vae_mean"), noise_scale=lv.get("noise_scale", 1.0))
 
 
 def _check_compatible(config, vae_config):
+  if config.langevin.get("space", "eps") == "pixel" and config.buffer.use:
+    raise WorkdirError("the replay buffer holds ε_z, which pixel-space chains (langevin.space='pixel') do not "
+                       "have: set --config.buffer.use=False")
   if config.data.name != vae_config.data.name:
     raise WorkdirError(f"the stage-1 NVAE in {config.vae_workdir} was trained on {vae_config.data.name!r} but this "
                        f"config trains the EBM on {config.data.name!r}; point --config.vae_workdir at a "
@@ -184,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> EBMTr
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
   train_ds = data.create_dataset(
-      config.data.name, "train", image_size=vae.image_size, image_channels=vae.image_channels,
+      config.data.name, "train", image_size=vae.image_shape[0], image_channels=vae.image_shape[-1],
       global_batch_size=config.train.batch_size, seed=config.seed, train=True, random_flip=config.data.random_flip,
       data_dir=config.data.data_dir, process_index=jax.process_index(), process_count=jax.process_count())
 
@@ -212,9 +234,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> EBMTr
   num = config.train.num_image_samples
   p_sample = jax.jit(functools.partial(sampling.sample_fn, vae=vae, ebm=ebm, num_samples=num, mesh=mesh,
                                        **sampling_settings(config)))
-  p_vae_sample = jax.jit(lambda v, k: nvae.sample_images(vae, v, k, num, config.langevin.temperature))
+  p_vae_sample = jax.jit(lambda v, k: sampling.vae_samples(k, v, vae=vae, num_samples=num,
+                                                            temperature=config.langevin.temperature, mesh=mesh))
 
   def write_images(state, step):
+    if len(vae.image_shape) != 3:           # 2-D points: no image grids
+      return
     params = {"vae": vae_variables, "ebm": {"params": state.params}}
     grids = {"vae_samples": visualize.make_grid(np.asarray(p_vae_sample(vae_variables, sample_key))),
              "vaebm_samples": visualize.make_grid(np.asarray(p_sample(sample_key, params)))}
@@ -233,12 +258,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> EBMTr
     history.append(metrics)
     for hook in hooks:
       hook(step)
-    if step % config.train.log_every_steps == 0 or step == total:
+    if due(step, config.train.log_every_steps, total):
       writer.write_scalars(step, train_vae.aggregate_metrics(history))
       history = []
-    if step % config.train.image_every_steps == 0 or step == total:
+    if due(step, config.train.image_every_steps, total):
       write_images(state, step)
-    if step % config.train.checkpoint_every_steps == 0 or step == total:
+    if due(step, config.train.checkpoint_every_steps, total):
       ckpt.save(step, state, config)
   ckpt.close()
   writer.flush()
@@ -264,7 +289,7 @@ def load_vaebm(workdir: str, step: Optional[int] = None):
   vae, vae_variables, _ = load_vae(config.vae_workdir, config.get("vae_scan_groups"))
   ebm = create_ebm(config, data_init=False)
   tx = create_optimizer(config)
-  shape = (2, vae.image_size, vae.image_size, vae.image_channels)
+  shape = (2,) + tuple(vae.image_shape)
   target = jax.eval_shape(functools.partial(create_train_state, ebm, vae, tx, config=config), jax.random.key(0),
                           jax.ShapeDtypeStruct(shape, jnp.float32))
   state = ckpt.restore(target, step)

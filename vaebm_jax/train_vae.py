@@ -21,7 +21,11 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from vaebm_jax import checkpoint, data, objectives, optim, parallel, visualize
-from vaebm_jax.models import nvae
+from vaebm_jax.models import mlp, nvae
+
+# config.model_type → the VAE class built from config.model (both implement the ELBO path and
+# models.interface.LikelihoodVAE).
+MODELS = {"nvae": nvae.NVAE, "mlp_vae": mlp.MLPVAE}
 
 
 @flax.struct.dataclass
@@ -37,15 +41,16 @@ class VAETrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def create_model(config: ml_collections.ConfigDict) -> nvae.NVAE:
-  return nvae.NVAE(**config.model.to_dict())
+def create_model(config: ml_collections.ConfigDict):
+  """The VAE of a stage-1 config: `MODELS[config.model_type](**config.model)` (NVAE by default)."""
+  model_type = config.get("model_type", "nvae")
+  if model_type not in MODELS:
+    raise ValueError(f"model_type must be one of {sorted(MODELS)}, got {model_type!r}")
+  return MODELS[model_type](**config.model.to_dict())
 
 
-def quantize(x: jax.Array, num_bits: int) -> jax.Array:
-  """x ← floor(255x / 2^(8−b)) / (2^b − 1) for b ≠ 8 (§5.1)."""
-  if num_bits == 8:
-    return x
-  return jnp.floor(x * 255.0 / 2 ** (8 - num_bits)) / (2 ** num_bits - 1)
+def _quantize(model, x: jax.Array) -> jax.Array:
+  return nvae.quantize(x, getattr(model, "num_x_bits", 8))
 
 
 def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, epochs: int):
@@ -61,12 +66,13 @@ def create_train_state(model: nvae.NVAE, tx: optax.GradientTransformation, key: 
   k_params, k_sample, k_sr = jax.random.split(key, 3)
   x = jnp.full((batch_size,) + tuple(image_shape), 0.5, jnp.float32)
   variables = model.init({"params": k_params, "sample": k_sample}, x, True)   # runs the forward pass
-  spectral = objectives.init_spectral_state(k_sr, variables["normalized_weights"], num_iter=40)
-  return VAETrainState(jnp.zeros((), jnp.int32), variables["params"], variables["batch_stats"],
+  # Models without weight-normalised convs (the MLP VAE) have no spectral terms and no BN statistics.
+  spectral = objectives.init_spectral_state(k_sr, variables.get("normalized_weights", {}), num_iter=40)
+  return VAETrainState(jnp.zeros((), jnp.int32), variables["params"], variables.get("batch_stats", {}),
                        tx.init(variables["params"]), spectral)
 
 
-def train_step(state: VAETrainState, batch: jax.Array, key: jax.Array, *, model: nvae.NVAE,
+def train_step(state: VAETrainState, batch: jax.Array, key: jax.Array, *, model,
                tx: optax.GradientTransformation, schedule, config: ml_collections.ConfigDict,
                total_steps: int, alpha: np.ndarray):
   """One NVAE update: NELBO with KL warm-up/balancing + λ·(spectral + BN-γ) (§5.6).
@@ -75,7 +81,7 @@ def train_step(state: VAETrainState, batch: jax.Array, key: jax.Array, *, model:
   """
   obj = config.objective
   key = jax.random.fold_in(key, state.step)
-  x = quantize(batch, config.model.num_x_bits)
+  x = _quantize(model, batch)
   beta = objectives.kl_coefficient(state.step, total_steps, obj.kl_anneal_portion, obj.kl_const_portion,
                                    obj.kl_const_coeff)
   lam = objectives.annealed_norm_coefficient(beta, obj.weight_decay_norm_init, obj.weight_decay_norm,
@@ -90,11 +96,11 @@ def train_step(state: VAETrainState, batch: jax.Array, key: jax.Array, *, model:
     else:
       kl_stack = jnp.stack(out.kl_all, axis=1)
       kl, kl_coeffs, kl_vals = beta * jnp.sum(kl_stack, 1), jnp.ones(len(out.kl_all)), jnp.mean(kl_stack, 0)
-    spectral, new_spectral = objectives.spectral_norm_penalty(mutated["normalized_weights"], state.spectral,
-                                                              obj.num_power_iter)
+    spectral, new_spectral = objectives.spectral_norm_penalty(mutated.get("normalized_weights", {}),
+                                                              state.spectral, obj.num_power_iter)
     bn = objectives.batchnorm_gamma_penalty(params)
     loss = jnp.mean(recon + kl) + lam * spectral + lam * bn
-    aux = {"batch_stats": mutated["batch_stats"], "spectral_state": new_spectral,
+    aux = {"batch_stats": mutated.get("batch_stats", {}), "spectral_state": new_spectral,
            "metrics": {"loss": loss, "recon": jnp.mean(recon), "kl": jnp.sum(kl_vals),
                        "nelbo": jnp.mean(recon) + jnp.sum(kl_vals), "spectral_norm": spectral, "bn_gamma": bn,
                        "kl_group": kl_vals, "kl_coeff_group": kl_coeffs}}
@@ -117,15 +123,16 @@ def train_step(state: VAETrainState, batch: jax.Array, key: jax.Array, *, model:
   return new_state, metrics
 
 
-def eval_step(variables, batch: jax.Array, key: jax.Array, *, model: nvae.NVAE, config):
-  """Per-example NELBO (β = 1, no balancing) in eval-mode BN."""
-  x = quantize(batch, config.model.num_x_bits)
+def eval_step(variables, batch: jax.Array, key: jax.Array, *, model, config):
+  """Per-example NELBO (β = 1, no balancing) in eval-mode BN, with the model's own p(x|z)."""
+  del config
+  x = _quantize(model, batch)
   out = model.apply(variables, x, False, rngs={"sample": key})
   recon = -objectives.reconstruction_log_prob(model.decoder_distribution(out.logits), x)
   return recon + jnp.sum(jnp.stack(out.kl_all, axis=1), axis=1)
 
 
-def reconstruct(variables, batch, key, *, model: nvae.NVAE):
+def reconstruct(variables, batch, key, *, model):
   out = model.apply(variables, batch, False, rngs={"sample": key})
   return model.decoder_distribution(out.logits).mean()
 
@@ -144,7 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
   # Data.
-  common = dict(image_size=config.model.image_size, image_channels=config.model.image_channels,
+  model = create_model(config)
+  common = dict(image_size=model.image_shape[0], image_channels=model.image_shape[-1],
                 data_dir=config.data.data_dir, process_index=jax.process_index(),
                 process_count=jax.process_count())
   train_ds = data.create_dataset(config.data.name, "train", global_batch_size=config.train.batch_size,
@@ -157,7 +165,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
   epochs = max(int(math.ceil(total_steps / steps_per_epoch)), 1)
 
   # Model, optimiser, state (initialised replicated by one jit).
-  model = create_model(config)
   tx, schedule = create_optimizer(config, steps_per_epoch, epochs)
   alpha = objectives.kl_balancer_coefficients(model.groups, "square")
   repl, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
@@ -198,6 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
     return nelbo
 
   def write_images(state, step):
+    if len(train_ds.image_shape) != 3:       # 2-D points: no image grids
+      return
     x = eval_ds.batches[0][: config.train.num_image_samples]
     x = x[: (x.shape[0] // mesh.size) * mesh.size]
     recon = np.asarray(p_reconstruct(state.variables, parallel.shard_batch(x, mesh), eval_key))
@@ -223,21 +232,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
     train_metrics.append(metrics)
     for hook in hooks:
       hook(step)
-    if step % config.train.log_every_steps == 0 or step == total_steps:
+    if due(step, config.train.log_every_steps, total_steps):
       scalars = aggregate_metrics(train_metrics)
       writer.write_scalars(step, scalars)
       if scalars["train/skipped"]:
         logging.warning("step %d: %d updates skipped for a non-finite loss", step, scalars["train/skipped"])
       train_metrics = []
-    if step % config.train.eval_every_steps == 0 or step == total_steps:
+    if due(step, config.train.eval_every_steps, total_steps):
       evaluate(state, step)
-    if step % config.train.image_every_steps == 0 or step == total_steps:
+    if due(step, config.train.image_every_steps, total_steps):
       write_images(state, step)
-    if step % config.train.checkpoint_every_steps == 0 or step == total_steps:
+    if due(step, config.train.checkpoint_every_steps, total_steps):
       ckpt.save(step, state, config)
   ckpt.close()
   writer.flush()
   return state
+
+
+def due(step: int, every: int, total: int) -> bool:
+  """Periodic actions run every `every` steps (never when 0) and at the last step."""
+  return step == total or (every > 0 and step % every == 0)
 
 
 def aggregate_metrics(history: list[dict[str, Any]]) -> dict[str, float]:

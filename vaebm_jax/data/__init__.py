@@ -4,6 +4,6 @@ Every dataset becomes a `grain.MapDataset` of per-process batches of float32 NHW
 indexable by step so that a resumed run reads exactly the batches an uninterrupted run would.
 """
 
-from vaebm_jax.data.pipeline import DatasetUnavailableError, ImageDataset, create_dataset
+from vaebm_jax.data.pipeline import DatasetUnavailableError, ImageDataset, create_dataset, example_shape
 
-__all__ = ["DatasetUnavailableError", "ImageDataset", "create_dataset"]
+__all__ = ["DatasetUnavailableError", "ImageDataset", "create_dataset", "example_shape"]

@@ -9,16 +9,25 @@ import grain
 import numpy as np
 from PIL import Image
 
-from vaebm_jax.data import sources
+from vaebm_jax.data import sources, synthetic
 from vaebm_jax.data.sources import DatasetUnavailableError
 
-KNOWN = ("cifar10", "celeba64", "lsun_church64", "celebahq256", "fashion_mnist", "digits")
+POINT_DATASETS = ("gaussians25",)      # vectors (N, 2), not images
+KNOWN = ("cifar10", "celeba64", "lsun_church64", "celebahq256", "fashion_mnist", "digits", "stacked_digits") + \
+    POINT_DATASETS
 GRAYSCALE = ("fashion_mnist", "digits")
 
 
 def image_channels(name: str) -> int:
   """Channels of the images a dataset yields (1 for the grayscale ones, else RGB)."""
   return 1 if name in GRAYSCALE else 3
+
+
+def example_shape(name: str, image_size: int | None = None) -> tuple[int, ...]:
+  """Shape of one example of a dataset: (2,) for 2-D points, else (image_size, image_size, channels)."""
+  if name in POINT_DATASETS:
+    return (2,)
+  return (image_size, image_size, image_channels(name))
 
 
 def _to_array(record: Any) -> np.ndarray:
@@ -88,7 +97,8 @@ class ImageDataset:
       i += 1
 
 
-def create_dataset(name: str, split: str, *, image_size: int, image_channels: int, global_batch_size: int,
+def create_dataset(name: str, split: str, *, image_size: int | None = None, image_channels: int | None = None,
+                   global_batch_size: int,
                    seed: int = 0, train: bool = True, random_flip: bool = False, data_dir: str | None = None,
                    process_index: int = 0, process_count: int = 1) -> ImageDataset:
   """Builds the pipeline of one process.
@@ -96,7 +106,7 @@ def create_dataset(name: str, split: str, *, image_size: int, image_channels: in
   Args:
     name: one of KNOWN.
     split: 'train' or 'test'.
-    image_size, image_channels: what the model expects; a mismatch is an error.
+    image_size, image_channels: what the model expects; a mismatch is an error (unused for 2-D points).
     global_batch_size: batch over all processes; each process reads its share.
     seed: shuffle and augmentation seed.
     train: shuffle, repeat forever and augment; otherwise one ordered pass.
@@ -111,6 +121,10 @@ def create_dataset(name: str, split: str, *, image_size: int, image_channels: in
     source = sources.fashion_mnist(split, data_dir)
   elif name == "digits":
     source = sources.digits(split)
+  elif name == "stacked_digits":
+    source = synthetic.stacked_digits(split)[0]
+  elif name == "gaussians25":
+    source = synthetic.gaussians25(split)
   else:
     tfds_split = sources.TFDS_DATASETS[name][1 if split == "train" else 2]
     source = sources.tfds_source(name, tfds_split, data_dir)
@@ -118,6 +132,11 @@ def create_dataset(name: str, split: str, *, image_size: int, image_channels: in
 
   ds = grain.MapDataset.source(source)
   ds = ds[process_index::process_count]
+  if name in POINT_DATASETS:
+    if train:
+      ds = ds.shuffle(seed=seed).repeat()
+    ds = ds.batch(global_batch_size // process_count, drop_remainder=train, batch_fn=np.stack)
+    return ImageDataset(name, num_examples, ds, (2,), global_batch_size)
   if train:
     ds = ds.shuffle(seed=seed).repeat()
     ds = ds.random_map(lambda r, rng: _preprocess(name, _to_array(r), image_size, rng, random_flip), seed=seed + 1)

@@ -89,3 +89,39 @@ def tfds_source(name: str, split: str, data_dir: str | None):
         f"{name}: {tfds_name!r} in {where} is stored as {file_format or 'tfrecord'}, but tfds.data_source "
         f"needs ArrayRecord; {hint}.")
   raise DatasetUnavailableError(f"{name}: tfds.data_source failed for {tfds_name!r} in {where}: {cause}")
+
+
+def fashion_mnist_labels(split: str, data_dir: str | None = None) -> np.ndarray:
+  """Fashion-MNIST class labels (N,) int64, aligned with `fashion_mnist(split, data_dir)`.
+
+  Args:
+    split: 'train' (60,000) or anything else for the 10,000 test labels, as `fashion_mnist`.
+    data_dir: directory of the IDX files (default FASHION_MNIST_DIR).
+
+  Returns:
+    Labels 0..9.
+  """
+  data_dir = data_dir or FASHION_MNIST_DIR
+  stem = "train" if split == "train" else "t10k"
+  for name in (f"{stem}-labels-idx1-ubyte.gz", f"{stem}-labels-idx1-ubyte"):
+    path = os.path.join(data_dir, name)
+    if os.path.exists(path):
+      return _read_idx(path).astype(np.int64)
+  raise DatasetUnavailableError(
+      f"fashion_mnist: no {stem}-labels-idx1-ubyte[.gz] in {data_dir}. Install it with "
+      f"`apt-get install dataset-fashion-mnist` (files go to {FASHION_MNIST_DIR}) or pass "
+      f"--config.data.data_dir=DIR holding the IDX files.")
+
+
+def digits_labels(split: str) -> np.ndarray:
+  """Labels (N,) int64 of scikit-learn's digits, aligned with `digits(split)` (first 1500 = train).
+
+  Args:
+    split: 'train' or anything else for the 297 test labels, as `digits`.
+
+  Returns:
+    Labels 0..9.
+  """
+  from sklearn.datasets import load_digits
+  labels = load_digits().target.astype(np.int64)
+  return labels[:1500] if split == "train" else labels[1500:]

@@ -271,6 +271,10 @@ class NVAE(nn.Module):
   def num_groups(self) -> int:
     return sum(self.groups)
 
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (self.image_size, self.image_size, self.image_channels)
+
   def scanned_groups(self) -> list[tuple[int, int]]:
     """(first group index, count) of the scanned `latent_groups` of each decoder scale (top first)."""
     spans, start = [], 1
@@ -514,8 +518,36 @@ class NVAE(nn.Module):
     logits = self._decode(z, run_scale, train)
     return logits, z_list, log_p
 
+  @nn.nowrap
   def decoder_distribution(self, logits: jax.Array):
     return distributions.decoder_output(self.decoder, logits, self.num_mixture_dec, self.num_x_bits)
+
+  # ------------------------------------------------- interface.LikelihoodVAE (what stage 2 and metrics use)
+  @nn.nowrap
+  def decode_from_eps(self, variables: Any, eps_z: Sequence[jax.Array], eps_x: jax.Array,
+                      temperature: float = 1.0) -> dict[str, jax.Array]:
+    """T_θ(ε_z, ε_x) with eval-mode BN; see the module-level `decode_from_eps`."""
+    return decode_from_eps(self, variables, eps_z, eps_x, temperature)
+
+  @nn.nowrap
+  def log_importance_weight(self, variables: Any, x: jax.Array, key: jax.Array) -> jax.Array:
+    """log p(x|z) + log p(z) − log q(z|x), z ~ q(z|x), eval-mode BN, NVAE's unfloored p(x|z).
+
+    x in [0, 1] (quantised to `num_x_bits` first, as in training). The Gaussian decoder's density is
+    of 2x − 1 on [−1, 1]; add D·log 2 for the density of x on [0, 1]. The flows are volume
+    preserving, so log q is that of the pre-flow sample (§5.4).
+    """
+    x = quantize(x, self.num_x_bits)
+    out = self.apply(variables, x, False, rngs={"sample": key})
+    log_px = self.decoder_distribution(out.logits).log_prob(x)
+    return jnp.sum(log_px.reshape(x.shape[0], -1), axis=1) + out.log_p - out.log_q
+
+
+def quantize(x: jax.Array, num_bits: int) -> jax.Array:
+  """x ← floor(255x / 2^(8−b)) / (2^b − 1) for b ≠ 8 (§5.1)."""
+  if num_bits == 8:
+    return x
+  return jnp.floor(x * 255.0 / 2 ** (8 - num_bits)) / (2 ** num_bits - 1)
 
 
 def sample_latent_noise(key: jax.Array, model: NVAE, batch: int) -> list[jax.Array]:

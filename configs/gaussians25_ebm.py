@@ -1,0 +1,25 @@
+"""Stage 2 of the 2-D experiment: an MLP energy on the frozen MLP VAE of configs/gaussians25_vae.py,
+negatives from ε-space Langevin chains with the paper's potential E(T(ε)) + ½‖ε‖², whose pushforward
+is exactly h(x) ∝ p(x)·exp(−E(x)) (the code potential's log σ terms would bias it, VAEBM_SPEC.md §1.4).
+
+COMMAND: python -m vaebm_jax.main --config=configs/gaussians25_ebm.py --workdir=workdirs/gaussians25_ebm --config.vae_workdir=workdirs/gaussians25_vae
+"""
+
+from configs import common
+from configs.default_ebm import get_default_config
+
+
+def get_config(arg: str = ""):
+  config = get_default_config()
+  config.cpu_devices = 1
+  config.data.name = "gaussians25"
+  config.data.random_flip = False
+  config.vae_workdir = "workdirs/gaussians25_vae"
+  config.ebm.update(architecture="mlp", n_channel=256, data_init=False)
+  config.ebm.num_layers = 3
+  config.train.update(batch_size=500, learning_rate=1e-4, weight_decay=0.0, alpha_s=0.0, num_train_steps=4000,
+                      log_every_steps=200, image_every_steps=0, checkpoint_every_steps=1000)
+  config.langevin.update(potential="paper", train_steps=20, test_steps=50, step_size=1e-2)
+  config.buffer.use = False
+  config.sample.update(num_samples=10_000, batch_size=10_000)
+  return common.apply_variant(config, arg)
