@@ -29,4 +29,6 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections
       config.optim.warmup_epochs = min(config.optim.warmup_epochs, 0.1)
     else:
       raise ValueError(f"unknown config variant {variant!r}; known: smoke")
+    if variant == "smoke":
+      config.eval.update(num_samples=16, batch_size=8, num_test=16, iw_samples=4, iw_chunk=2)
   return config

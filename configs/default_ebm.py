@@ -50,6 +50,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   lv.potential = "code"              # code | paper (VAEBM_SPEC.md §1.4)
   lv.temperature = 1.0
   lv.unroll = 1                      # lax.scan unroll of the chain
+  lv.noise_scale = 1.0               # multiplies √η (1 = Langevin dynamics)
+  # 'eps': VAEBM. 'pixel': baselines, the chain on x with U = E(x) from pixel_init: 'vae_mean' /
+  # 'vae_sample' (the paper's x-space ablation) or 'noise' (uniform: a short-run EBM).
+  lv.space = "eps"
+  lv.pixel_init = "vae_mean"
 
   config.buffer = buf = ml_collections.ConfigDict()
   buf.use = False
@@ -60,4 +65,19 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.sample = sample = ml_collections.ConfigDict()   # --mode=sample
   sample.num_samples = 100
   sample.batch_size = 20
+  sample.step = ml_collections.config_dict.placeholder(int)   # stage-2 checkpoint; default the latest
+  sample.normalize = "clip"        # clip | minmax: the reference's per-image min-max (save_image(normalize=True))
+
+  # --mode=eval (vaebm_jax.evaluate.evaluate): on any stage-1 or stage-2 workdir.
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.seed = 0
+  ev.step = ml_collections.config_dict.placeholder(int)   # checkpoint to evaluate; default the latest
+  ev.num_samples = 10_000          # samples for FID / mode counting (0: likelihoods only)
+  ev.batch_size = 500
+  ev.num_test = 10_000             # test examples for the likelihood (and the small datasets' FID reference)
+  ev.iw_samples = 100              # K of the importance-weighted log p(x)
+  ev.iw_chunk = 10
+  ev.normalize = "clip"            # clip | minmax (the reference's per-image rescale) before the metrics
+  ev.inception_weights = ml_collections.config_dict.placeholder(str)   # .npz from metrics.convert_inception
+  ev.fid_reference = ml_collections.config_dict.placeholder(str)       # .npz with mu, sigma (e.g. TTUR's)
   return config

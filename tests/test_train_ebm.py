@@ -68,3 +68,46 @@ def test_missing_or_incompatible_stage1_workdir_is_one_clear_error(workdirs, tmp
     train_ebm.train_and_evaluate(other, str(tmp_path / "w"))
   with pytest.raises(train_ebm.WorkdirError, match="no stage-2 checkpoints"):
     load_vaebm(str(tmp_path / "nothing"))
+
+
+def test_pixel_space_negatives_train_the_same_loop(workdirs, tmp_path):
+  root, config, _ = workdirs
+  for init in ("vae_mean", "noise"):
+    pixel = config.copy_and_resolve_references()
+    pixel.langevin.update(space="pixel", pixel_init=init, step_size=1e-2, noise_scale=0.1)
+    pixel.buffer.use = False
+    pixel.train.update(num_train_steps=2, checkpoint_every_steps=2, image_every_steps=2)
+    state = train_ebm.train_and_evaluate(pixel, str(tmp_path / init))
+    assert int(state.step) == 2 and state.buffer is None
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+    images = evaluate.draw_samples(str(tmp_path / init), 4, 4, progress=False)
+    assert images.shape == (4, 16, 16, 1)
+  with_buffer = pixel.copy_and_resolve_references()
+  with_buffer.buffer.use = True
+  with pytest.raises(train_ebm.WorkdirError, match="buffer holds ε_z"):
+    train_ebm.train_and_evaluate(with_buffer, str(tmp_path / "buffer"))
+
+
+def test_sample_export_minmax_and_chosen_step(workdirs):
+  root, _, _ = workdirs
+  out = evaluate.sample_to_files(str(root / "ebm"), num_samples=4, batch_size=4, step=3, normalize="minmax")
+  assert out.endswith("samples_3")
+  samples = np.load(os.path.join(out, "samples.npz"))
+  raw = samples["images"]
+  per_image = (raw - raw.min(axis=(1, 2, 3), keepdims=True)) / np.maximum(
+      raw.max(axis=(1, 2, 3), keepdims=True) - raw.min(axis=(1, 2, 3), keepdims=True), 1e-5)
+  np.testing.assert_array_equal(samples["uint8"], np.clip(per_image * 255 + 0.5, 0, 255).astype(np.uint8))
+  assert samples["uint8"].min() == 0 and samples["uint8"].max() == 255
+  latest = evaluate.draw_samples(str(root / "ebm"), 4, 4, progress=False)
+  assert not np.allclose(latest, raw)                 # step 3 and the latest step 6 are different EBMs
+
+
+def test_eval_mode_on_stage1_and_stage2_workdirs(workdirs):
+  root, config, _ = workdirs
+  ev = config.eval
+  for stage in ("vae", "ebm"):
+    metrics = evaluate.evaluate(str(root / stage), ev)
+    assert np.isfinite(metrics["test_log_px"]) and metrics["num_test"] == ev.num_test
+    assert metrics["vae"]["classifier_fid"] > 0
+    assert os.path.exists(root / stage / "eval" / f"metrics_{metrics['step']}.json")
+  assert "vaebm" in metrics and np.isfinite(metrics["test_log_h_unnormalized"])

@@ -24,7 +24,8 @@ class QuadraticEnergy(nn.Module):
   @nn.compact
   def __call__(self, x):
     self.param("unused", nn.initializers.zeros, (1,))
-    return jnp.sum(0.5 * jnp.square((x - jnp.asarray(self.mean)) / jnp.asarray(self.std)), axis=-1)
+    e = 0.5 * jnp.square((x - jnp.asarray(self.mean)) / jnp.asarray(self.std))
+    return jnp.sum(e.reshape(e.shape[0], -1), axis=1)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,26 +67,174 @@ def parameter_summary(config: ml_collections.ConfigDict) -> str:
   return "\n".join(lines)
 
 
-def sample_to_files(workdir: str, num_samples: int, batch_size: int, seed: int = 0) -> str:
-  """--mode=sample: draws `num_samples` VAEBM samples in batches from a stage-2 workdir; writes
-  `samples/samples.npz` (uint8 NHWC and float images) and PNG grids of each batch. Returns the folder."""
-  from vaebm_jax import sampling, visualize
+NORMALIZATIONS = ("clip", "minmax")
+
+
+def to_unit_range(images: np.ndarray, normalize: str = "clip") -> np.ndarray:
+  """Float images → [0, 1] for export.
+
+  'clip': clip to [0, 1] (the decoder mean 0.5μ + 0.5 can leave it, §1.5).
+  'minmax': the reference's way (`save_image(normalize=True)` of one image): each image rescaled by
+    its own min and max, (x − min)/max(max − min, 1e-5); its FIDs were computed on such PNGs.
+  """
+  images = np.asarray(images, np.float32)
+  if normalize == "clip":
+    return np.clip(images, 0.0, 1.0)
+  if normalize == "minmax":
+    axes = tuple(range(1, images.ndim))
+    low, high = images.min(axis=axes, keepdims=True), images.max(axis=axes, keepdims=True)
+    return (images - low) / np.maximum(high - low, 1e-5)
+  raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[0, 1] floats → uint8 as torchvision's save_image: x·255 + 0.5, clamped, truncated."""
+  return np.clip(images * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def draw_samples(workdir: str, num_samples: int, batch_size: int, seed: int = 0, step: Optional[int] = None,
+                 progress: bool = True, **overrides) -> np.ndarray:
+  """`num_samples` VAEBM samples (float, unclipped decoder means) from a stage-2 workdir, in batches.
+
+  `step` picks the stage-2 checkpoint (default: the latest); `overrides` replace `sample_fn` settings
+  (e.g. num_steps=0 for the VAE alone through the same decoder, space='pixel').
+  """
+  from vaebm_jax import sampling
   from vaebm_jax.train_ebm import load_vaebm
-  vae, ebm, params, settings = load_vaebm(workdir)
+  vae, ebm, params, settings = load_vaebm(workdir, step)
+  settings = dict(settings, **overrides)
   batch_size = min(batch_size, num_samples)
-  draw = jax.jit(functools.partial(sampling.sample_fn, vae=vae, ebm=ebm, num_samples=batch_size, **settings))
-  out_dir = os.path.join(workdir, "samples")
+  draw = jax.jit(functools.partial(sampling.sample_fn, vae=vae, ebm=ebm, num_samples=batch_size, clip=False,
+                                   **settings))
   key = jax.random.key(seed)
-  images = []
-  start = time.time()
+  images, start = [], time.time()
   for i in range(-(-num_samples // batch_size)):
-    batch = np.asarray(draw(jax.random.fold_in(key, i), params))
-    images.append(batch)
-    visualize.save_png(visualize.make_grid(batch), os.path.join(out_dir, f"grid_{i:04d}.png"))
+    images.append(np.asarray(draw(jax.random.fold_in(key, i), params)))
     done = min((i + 1) * batch_size, num_samples)
-    elapsed = time.time() - start
-    print(f"sampled {done}/{num_samples} ({elapsed:.1f} s, {done / elapsed:.2f} images/s)", flush=True)
-  images = np.concatenate(images)[:num_samples]
-  np.savez_compressed(os.path.join(out_dir, "samples.npz"), images=images,
-                      uint8=(np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8))
+    if progress:
+      elapsed = time.time() - start
+      print(f"sampled {done}/{num_samples} ({elapsed:.1f} s, {done / elapsed:.2f} samples/s)", flush=True)
+  return np.concatenate(images)[:num_samples]
+
+
+def sample_to_files(workdir: str, num_samples: int, batch_size: int, seed: int = 0, step: Optional[int] = None,
+                    normalize: str = "clip", out_dir: Optional[str] = None) -> str:
+  """--mode=sample: draws `num_samples` VAEBM samples in batches from a stage-2 workdir (checkpoint
+  `step`, default the latest); writes `samples.npz` (`images`: the raw float decoder means; `uint8`:
+  exported with `normalize`, 'clip' or the reference's per-image 'minmax') and PNG grids of 100.
+  Returns the folder (default `<workdir>/samples`, or `samples_<step>` for a chosen step)."""
+  from vaebm_jax import visualize
+  images = draw_samples(workdir, num_samples, batch_size, seed, step)
+  out_dir = out_dir or os.path.join(workdir, "samples" if step is None else f"samples_{step}")
+  exported = to_unit_range(images, normalize)
+  os.makedirs(out_dir, exist_ok=True)
+  if images.ndim == 4:
+    for i in range(0, len(exported), 100):
+      visualize.save_png(visualize.make_grid(exported[i:i + 100]), os.path.join(out_dir, f"grid_{i // 100:04d}.png"))
+  np.savez_compressed(os.path.join(out_dir, "samples.npz"), images=images, uint8=to_uint8(exported),
+                      normalize=normalize)
   return out_dir
+
+
+# ---------------------------------------------------------------------------------------------- --mode=eval
+
+CLASSIFIER_DATASETS = {"fashion_mnist": "fashion_mnist", "digits": "digits"}
+
+
+def sample_quality(images: np.ndarray, dataset: str, reference_images: Optional[np.ndarray] = None, *,
+                   inception_weights: Optional[str] = None, fid_reference: Optional[str] = None) -> dict:
+  """Sample-quality metrics of images in [0, 1] for a dataset:
+  - fashion_mnist, digits: FID in the features of the project's classifier (`metrics.classifier`)
+    against `reference_images`;
+  - stacked_digits: modes covered and KL to uniform over the 1000 modes (`metrics.modes`);
+  - others: FID and Inception Score with the FID InceptionV3 (`metrics.inception`) when
+    `inception_weights` (the converted .npz) is given, against `fid_reference` statistics (.npz) or
+    `reference_images`.
+  """
+  from vaebm_jax.metrics import classifier, modes
+  if dataset in CLASSIFIER_DATASETS:
+    return {"classifier_fid": classifier.classifier_fid(images, reference_images, CLASSIFIER_DATASETS[dataset])}
+  if dataset == "stacked_digits":
+    counted = modes.count_modes(images, classifier.make_classifier_fns(classifier.default_classifier("digits")))
+    return {"modes": int(counted["modes"]), "kl_to_uniform": float(counted["kl_to_uniform"])}
+  if inception_weights is None:
+    return {"note": "no FID: pass --config.eval.inception_weights=FILE.npz (python -m "
+                    "vaebm_jax.metrics.convert_inception pt_inception-2015-12-05-6726825d.pth FILE.npz)"}
+  from vaebm_jax.metrics import inception
+  feature_fn = inception.make_feature_fn(inception.load_params(inception_weights))
+  features, logits = feature_fn(images)
+  reference = fid_reference or inception.reference_statistics_from_images(reference_images, feature_fn)
+  from vaebm_jax.metrics import fid
+  stats = fid.load_statistics(reference) if isinstance(reference, str) else reference
+  mean, std = inception.inception_score(logits)
+  return {"fid": fid.fid_from_features(features, stats), "inception_score": mean, "inception_score_std": std}
+
+
+def evaluate(workdir: str, eval_config: ml_collections.ConfigDict, step: Optional[int] = None,
+             data_dir: Optional[str] = None) -> dict:
+  """--mode=eval on a stage-1 or stage-2 workdir (checkpoint `step`, default the latest).
+
+  Stage 1: importance-weighted test log-likelihood (K = eval.iw_samples) and the sample quality of
+  eval.num_samples prior samples (decoder means, t = 1). Stage 2: the same for the VAE and for VAEBM
+  samples (test-time chains of the run's config), and the mean unnormalised log h(x) = log p(x) − E(x).
+  Writes `<workdir>/eval/metrics_<step>.json` and returns the metrics.
+  """
+  import json
+
+  from vaebm_jax import checkpoint, data, sampling
+  from vaebm_jax.metrics import likelihood
+  from vaebm_jax.train_ebm import WorkdirError, load_vae, load_vaebm
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise WorkdirError(f"no checkpoints in {workdir}/checkpoints: nothing to evaluate")
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=None)
+  latest = ckpt.latest_step()
+  step = latest if step is None else step
+  if step is None:
+    raise WorkdirError(f"{workdir} holds no checkpoint to evaluate")
+  config = ckpt.restore_config(step)
+  ckpt.close()
+  e = eval_config
+  key = jax.random.key(e.seed)
+  if config.stage == "vae":
+    if step != latest:
+      raise WorkdirError("stage-1 evaluation reads the latest checkpoint; drop --config.eval.step")
+    vae, vae_variables, _ = load_vae(workdir)
+    ebm = ebm_variables = settings = None
+  elif config.stage == "ebm":
+    vae, ebm, params, settings = load_vaebm(workdir, step)
+    vae_variables, ebm_variables = params["vae"], params["ebm"]
+  else:
+    raise WorkdirError(f"{workdir} is neither a stage-1 nor a stage-2 workdir (stage {config.stage!r})")
+  name = config.data.name
+  shape = tuple(vae.image_shape)
+  kw = dict(image_size=shape[0], image_channels=shape[-1]) if len(shape) == 3 else {}
+  test_ds = data.create_dataset(name, "test", global_batch_size=e.batch_size, train=False,
+                                data_dir=data_dir or config.data.data_dir, **kw)
+  test = np.concatenate(list(test_ds.iterate()))[:e.num_test]
+  scores = likelihood.evaluate_log_likelihood(key, vae_variables, test, vae=vae, num_samples=e.iw_samples,
+                                              batch_size=min(e.batch_size, len(test)), chunk=e.iw_chunk,
+                                              ebm=ebm, ebm_variables=ebm_variables)
+  metrics = {"step": int(step), "stage": config.stage, "dataset": name, "num_test": int(len(test)),
+             "iw_samples": int(e.iw_samples), "test_log_px": float(np.mean(scores["log_px"]))}
+  if len(shape) == 3:
+    metrics["test_log_px_note"] = ("density of 2x − 1 on [−1, 1] (Gaussian decoder); add "
+                                   f"{np.prod(shape) * np.log(2):.1f} nats for x on [0, 1]")
+  if "log_h" in scores:
+    metrics["test_log_h_unnormalized"] = float(np.mean(scores["log_h"]))
+  if len(shape) == 3 and e.num_samples > 0:
+    vae_draw = jax.jit(lambda k: sampling.vae_samples(k, vae_variables, vae=vae, num_samples=e.batch_size))
+    vae_images = np.concatenate([np.asarray(vae_draw(jax.random.fold_in(key, i)))
+                                 for i in range(-(-e.num_samples // e.batch_size))])[:e.num_samples]
+    quality = functools.partial(sample_quality, reference_images=test, dataset=name,
+                                inception_weights=e.inception_weights, fid_reference=e.fid_reference)
+    metrics["vae"] = quality(to_unit_range(vae_images, e.normalize))
+    if config.stage == "ebm":
+      images = draw_samples(workdir, e.num_samples, e.batch_size, e.seed, step)
+      metrics["vaebm"] = quality(to_unit_range(images, e.normalize))
+      metrics["langevin"] = {k: v for k, v in settings.items()}
+  out = os.path.join(workdir, "eval", f"metrics_{step}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(metrics, f, indent=1, default=float)
+  print(json.dumps(metrics, indent=1, default=float))
+  return metrics

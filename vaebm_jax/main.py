@@ -1,7 +1,7 @@
 """Entry point: `python -m vaebm_jax.main --config=configs/X.py --workdir=W --mode=MODE`.
 
 All logic lives in importable libraries (train_vae, evaluate, ...); this file parses flags, sets up
-devices, and dispatches. Modes: train_vae, train_ebm, sample, summary.
+devices, and dispatches. Modes: train_vae, train_ebm, sample, eval, summary, vaebm.
 """
 
 import os
@@ -14,7 +14,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10_vae.py[:smoke].",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and images.")
-flags.DEFINE_enum("mode", None, ["train_vae", "train_ebm", "sample", "summary", "vaebm"],
+flags.DEFINE_enum("mode", None, ["train_vae", "train_ebm", "sample", "eval", "summary", "vaebm"],
                   "What to run; default: train_vae for stage-1 configs, train_ebm for stage-2 configs, vaebm "
                   "(both stages, then samples) for configs/*_vaebm.py.")
 flags.mark_flags_as_required(["config"])
@@ -86,7 +86,16 @@ def main(argv):
     train_ebm.train_and_evaluate(config, FLAGS.workdir)
   elif mode == "sample":
     from vaebm_jax import evaluate
-    evaluate.sample_to_files(FLAGS.workdir, config.sample.num_samples, config.sample.batch_size, config.seed)
+    if config.stage != "ebm":
+      raise app.UsageError("--mode=sample draws VAEBM samples: give a stage-2 config (configs/*_ebm.py)")
+    out = evaluate.sample_to_files(FLAGS.workdir, config.sample.num_samples, config.sample.batch_size, config.seed,
+                                   step=config.sample.step, normalize=config.sample.normalize)
+    logging.info("samples in %s", out)
+  elif mode == "eval":
+    from vaebm_jax import evaluate
+    if "eval" not in config:
+      raise app.UsageError("--mode=eval needs a stage-1 or stage-2 config (it reads config.eval)")
+    evaluate.evaluate(FLAGS.workdir, config.eval, config.eval.step, data_dir=config.data.data_dir)
 
 
 def run():

@@ -87,14 +87,12 @@ class ImageDataset:
     return max(self.num_examples // self.global_batch_size, 1)
 
   def iterate(self, start: int = 0):
-    """Yields batches from index `start` on (infinite for training datasets)."""
-    i = start
-    while True:
-      try:
-        yield self.batches[i]
-      except IndexError:
-        return
-      i += 1
+    """Yields batches from index `start` on (infinite for training datasets, one pass otherwise).
+
+    A grain MapDataset wraps indices past its end around, so the length bounds the pass.
+    """
+    for i in range(start, len(self.batches)):
+      yield self.batches[i]
 
 
 def create_dataset(name: str, split: str, *, image_size: int | None = None, image_channels: int | None = None,

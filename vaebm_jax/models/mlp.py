@@ -119,12 +119,20 @@ class MLPVAE(nn.Module):
 
 
 class MLPEnergy(nn.Module):
-  """E(x) ∈ ℝ for vectors: an MLP with LipSwish activations and a linear head."""
+  """E(x) ∈ ℝ for vectors: an MLP with LipSwish activations and a linear head.
+
+  The hidden layers' kernels are sown into 'normalized_weights' (as 1×1 conv kernels), so VAEBM's
+  spectral regulariser α_s·Σσ_max(W) covers them as it covers the conv energies' convs (§3.1; the
+  head is left out, as the reference leaves out its Linear).
+  """
   hidden: int = 256
   num_layers: int = 3
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for _ in range(self.num_layers):
-      x = nn.swish(nn.Dense(self.hidden)(x)) / 1.1
-    return nn.Dense(1)(x)[:, 0]
+    for i in range(self.num_layers):
+      dense = nn.Dense(self.hidden, name=f"dense_{i}")
+      x = dense(x)
+      self.sow("normalized_weights", f"kernel_{i}", dense.variables["params"]["kernel"][None, None])
+      x = nn.swish(x) / 1.1
+    return nn.Dense(1, name="head")(x)[:, 0]

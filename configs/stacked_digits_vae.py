@@ -1,0 +1,23 @@
+"""Stage 1 of the mode-coverage experiment: a small NVAE on stacked digits — three scikit-learn digits
+(16×16) as the three channels of one image, 1000 modes (`vaebm_jax.data.synthetic.stacked_digits`).
+
+COMMAND: python -m vaebm_jax.main --config=configs/stacked_digits_vae.py --workdir=workdirs/stacked_digits_vae
+"""
+
+from configs import common
+from configs.default_vae import get_default_config
+
+
+def get_config(arg: str = ""):
+  config = get_default_config()
+  config.data.name = "stacked_digits"
+  config.data.random_flip = False
+  config.model.update(image_size=16, image_channels=3, num_channels_enc=16, num_channels_dec=16,
+                      num_latent_scales=2, num_groups_per_scale=1, num_latent_per_group=8,
+                      num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_preprocess_cells=1,
+                      num_postprocess_cells=1, num_nf=0)
+  config.train.update(batch_size=64, epochs=-1, num_train_steps=3000, log_every_steps=100, image_every_steps=1000,
+                      checkpoint_every_steps=500, eval_every_steps=1000, num_eval_batches=4, eval_batch_size=64)
+  config.optim.update(learning_rate=5e-3, warmup_epochs=0.3)
+  config.objective.weight_decay_norm = 1e-2
+  return common.apply_variant(config, arg)
