@@ -77,7 +77,7 @@ def main(_):
   axis = np.linspace(-GRID_RANGE, GRID_RANGE, GRID_POINTS)
   dx = axis[1] - axis[0]
   grid = np.stack(np.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2).astype(np.float32)
-  lp_grid = log_p_vae(grid)
+  lp_grid = likelihood.log_density_on_xgrid_2d(params["vae"], axis, vae=vae, z_points=z_points).reshape(-1)
   e_grid = energy(grid)
   log_h_grid = lp_grid - e_grid
   log_z = float(np.logaddexp.reduce(log_h_grid) + 2 * np.log(dx))

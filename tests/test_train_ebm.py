@@ -98,8 +98,9 @@ def test_sample_export_minmax_and_chosen_step(workdirs):
       raw.max(axis=(1, 2, 3), keepdims=True) - raw.min(axis=(1, 2, 3), keepdims=True), 1e-5)
   np.testing.assert_array_equal(samples["uint8"], np.clip(per_image * 255 + 0.5, 0, 255).astype(np.uint8))
   assert samples["uint8"].min() == 0 and samples["uint8"].max() == 255
+  np.testing.assert_array_equal(evaluate.draw_samples(str(root / "ebm"), 4, 4, step=3, progress=False), raw)
   latest = evaluate.draw_samples(str(root / "ebm"), 4, 4, progress=False)
-  assert not np.allclose(latest, raw)                 # step 3 and the latest step 6 are different EBMs
+  assert not np.array_equal(latest, raw)              # step 3 and the latest step 6 are different EBMs
 
 
 def test_eval_mode_on_stage1_and_stage2_workdirs(workdirs):

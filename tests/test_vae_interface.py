@@ -148,3 +148,12 @@ def test_stacked_digits_stack_three_labelled_digits():
   digits = sources.digits("test")[..., 0]
   for c in range(3):       # every channel is one of the split's digits
     assert all(any(np.array_equal(images[i, ..., c], d) for d in digits) for i in range(5))
+
+
+def test_grid_quadrature_by_matrix_product_equals_pointwise_quadrature(mlp):
+  vae, vv = mlp
+  axis = np.linspace(-3, 3, 31)
+  grid = likelihood.log_density_on_xgrid_2d(vv, axis, vae=vae, z_points=200)
+  points = np.stack(np.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
+  np.testing.assert_allclose(grid.reshape(-1), likelihood.log_density_on_grid_2d(vv, points, vae=vae, z_points=200),
+                             atol=1e-4)
