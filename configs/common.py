@@ -1,6 +1,22 @@
-"""Config variants shared by every config file: `--config=configs/X.py:smoke`."""
+"""What every config file shares: the eval section, and the variants (`--config=configs/X.py:smoke`)."""
 
 import ml_collections
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """The `eval` section of every stage-1 and stage-2 config (--mode=eval, vaebm_jax.evaluate.evaluate)."""
+  ev = ml_collections.ConfigDict()
+  ev.seed = 0
+  ev.step = ml_collections.config_dict.placeholder(int)   # checkpoint to evaluate; default the latest
+  ev.num_samples = 10_000          # samples for FID / mode counting (0: likelihoods only)
+  ev.batch_size = 500
+  ev.num_test = 10_000             # test examples for the likelihood (and the small datasets' FID reference)
+  ev.iw_samples = 100              # K of the importance-weighted log p(x)
+  ev.iw_chunk = 10
+  ev.normalize = "clip"            # clip | minmax (the reference's per-image rescale) before the metrics
+  ev.inception_weights = ml_collections.config_dict.placeholder(str)   # .npz from metrics.convert_inception
+  ev.fid_reference = ml_collections.config_dict.placeholder(str)       # .npz with mu, sigma (e.g. TTUR's)
+  return ev
 
 
 def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:

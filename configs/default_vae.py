@@ -6,6 +6,8 @@ batch; the reference's is 32 per GPU × 8 GPUs = 256.
 
 import ml_collections
 
+from configs import common
+
 
 def get_default_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -78,16 +80,5 @@ def get_default_config() -> ml_collections.ConfigDict:
   obj.weight_decay_norm_anneal = False
   obj.num_power_iter = 4
 
-  # --mode=eval (vaebm_jax.evaluate.evaluate): on any stage-1 or stage-2 workdir.
-  config.eval = ev = ml_collections.ConfigDict()
-  ev.seed = 0
-  ev.step = ml_collections.config_dict.placeholder(int)   # checkpoint to evaluate; default the latest
-  ev.num_samples = 10_000          # samples for FID / mode counting (0: likelihoods only)
-  ev.batch_size = 500
-  ev.num_test = 10_000             # test examples for the likelihood (and the small datasets' FID reference)
-  ev.iw_samples = 100              # K of the importance-weighted log p(x)
-  ev.iw_chunk = 10
-  ev.normalize = "clip"            # clip | minmax (the reference's per-image rescale) before the metrics
-  ev.inception_weights = ml_collections.config_dict.placeholder(str)   # .npz from metrics.convert_inception
-  ev.fid_reference = ml_collections.config_dict.placeholder(str)       # .npz with mu, sigma (e.g. TTUR's)
+  config.eval = common.eval_config()       # --mode=eval, on any stage-1 or stage-2 workdir
   return config

@@ -28,6 +28,11 @@ def setup_devices(count: int) -> None:
     jax.config.update("jax_num_cpu_devices", count)
 
 
+def claims_workdir(name: str, smoke: bool, override: str | None = None) -> str:
+  """`override`, or workdirs/claims/<name>[_smoke] under the repository."""
+  return override or os.path.join(ROOT, "workdirs", "claims", name + ("_smoke" if smoke else ""))
+
+
 def run_stage(config: str, workdir: str, overrides: Sequence[str] = (), mode: str | None = None) -> float:
   """Runs `python -m vaebm_jax.main --config=CONFIG --workdir=W [--mode] [--config.k=v ...]` to the end.
 

@@ -54,8 +54,7 @@ def main(_):
 
   smoke = FLAGS.size == "smoke"
   arg = ":smoke" if smoke else ""
-  name = "fashion_mnist" + ("_smoke" if smoke else "")
-  workdir = FLAGS.workdir or os.path.join(common.ROOT, "workdirs", "claims", name)
+  workdir = common.claims_workdir("fashion_mnist", smoke, FLAGS.workdir)
   dirs = {k: os.path.join(workdir, k) for k in ("vae", "ebm", "ebm_pixel", "ebm_noise")}
   seed = f"seed={FLAGS.seed}"
   start = time.time()

@@ -50,8 +50,7 @@ def main(_):
 
   smoke = FLAGS.size == "smoke"
   arg = ":smoke" if smoke else ""
-  name = "gaussians25" + ("_smoke" if smoke else "")
-  workdir = FLAGS.workdir or os.path.join(common.ROOT, "workdirs", "claims", name)
+  workdir = common.claims_workdir("gaussians25", smoke, FLAGS.workdir)
   start = time.time()
   vae_dir, ebm_dir = os.path.join(workdir, "vae"), os.path.join(workdir, "ebm")
   t_vae = common.run_stage(f"configs/gaussians25_vae.py{arg}", vae_dir, [f"seed={FLAGS.seed}"])
@@ -97,13 +96,12 @@ def main(_):
     return (log_z, log_h_grid, float(np.mean(lp_test - energy(test)) - log_z),
             float(np.mean(lp_val - energy(validation)) - log_z))
 
-  by_step = {}
-  for step in steps:
-    by_step[step] = vaebm_scores(train_ebm.load_vaebm(ebm_dir, step)[2]["ebm"])
+  ebm_params = {step: train_ebm.load_vaebm(ebm_dir, step)[2]["ebm"] for step in steps}
+  by_step = {step: vaebm_scores(p) for step, p in ebm_params.items()}
   finite = [st for st in steps if np.isfinite(by_step[st][3])]
   chosen = max(finite, key=lambda st: by_step[st][3]) if finite else steps[-1]
   log_z, log_h_grid, ll_vaebm, _ = by_step[chosen]
-  params = dict(params, ebm=train_ebm.load_vaebm(ebm_dir, chosen)[2]["ebm"])
+  params = dict(params, ebm=ebm_params[chosen])
 
   # Samples: data, the VAE's x = T(ε) for fresh ε, VAEBM's x after the ε-space chain (the full sample
   # x, not the decoder mean: in 2-D the density is that of x).

@@ -57,8 +57,7 @@ def main(_):
 
   smoke = FLAGS.size == "smoke"
   arg = ":smoke" if smoke else ""
-  name = "fashion_mnist" + ("_smoke" if smoke else "")
-  workdir = FLAGS.workdir or os.path.join(common.ROOT, "workdirs", "claims", name)
+  workdir = common.claims_workdir("fashion_mnist", smoke, FLAGS.workdir)
   vae_dir, ebm_dir = os.path.join(workdir, "vae"), os.path.join(workdir, "ebm")
   start = time.time()
   common.run_stage(f"configs/fashion_mnist_vae.py{arg}", vae_dir, [f"seed={FLAGS.seed}"])

@@ -41,8 +41,7 @@ def main(_):
 
   smoke = FLAGS.size == "smoke"
   arg = ":smoke" if smoke else ""
-  name = "stacked_digits" + ("_smoke" if smoke else "")
-  workdir = FLAGS.workdir or os.path.join(common.ROOT, "workdirs", "claims", name)
+  workdir = common.claims_workdir("stacked_digits", smoke, FLAGS.workdir)
   vae_dir, ebm_dir = os.path.join(workdir, "vae"), os.path.join(workdir, "ebm")
   start = time.time()
   t_vae = common.run_stage(f"configs/stacked_digits_vae.py{arg}", vae_dir, [f"seed={FLAGS.seed}"])
