@@ -15,7 +15,9 @@ def get_config(arg: str = ""):
   config.data.name = "celebahq256"
   config.vae_workdir = "workdirs/celebahq256_vae"
   config.ebm.update(architecture="celebahq256", n_channel=64, data_init=False)
-  config.train.update(batch_size=16, learning_rate=4e-5, alpha_s=0.3, num_train_steps=9000, use_mu_cd=True)
+  config.train.update(batch_size=16, num_train_steps=9000)
+  config.optim.update(learning_rate=4e-5)
+  config.objective.update(alpha_s=0.3, use_mu_cd=True)
   config.langevin.update(train_steps=6, test_steps=24, step_size=3e-6)
-  config.buffer.update(use=True, p_max=0.6, anneal_steps=3000, size=2000)
+  config.buffer.update(use=True, p_max=0.6, anneal_steps=3000, capacity=2000)
   return common.apply_variant(config, arg)

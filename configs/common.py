@@ -27,7 +27,7 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections
       config.train.update(batch_size=8, num_train_steps=6, log_every_steps=2, image_every_steps=6,
                           checkpoint_every_steps=3, num_image_samples=8)
       config.langevin.update(train_steps=2, test_steps=3)
-      config.buffer.update(size=32, anneal_steps=4)
+      config.buffer.update(capacity=32, anneal_steps=4)
       config.sample.update(num_samples=8, batch_size=4)
     elif variant == "smoke" and config.get("model_type") == "mlp_vae":
       config.model.update(hidden=32, num_layers=2)

@@ -30,14 +30,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   ebm.data_init = True
   ebm.data_init_batches = 5          # 5 × 32 = 160 real images
   ebm.conv_impl = "auto"
+  ebm.num_layers = 3                 # architecture='mlp' only (2-D data): hidden layers of n_channel units
 
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 32
-  train.learning_rate = 4e-5         # constant; Adam(0.99, 0.999), coupled L2
-  train.weight_decay = 3e-5
-  train.alpha_s = 0.2                # spectral regulariser coefficient
-  train.grad_clip = True             # IGEBM clip (on by default in the reference)
-  train.use_mu_cd = False            # negatives: decoder mean (True) or sample (False)
   train.num_train_steps = 30_000
   train.log_every_steps = 50
   train.image_every_steps = 500
@@ -45,6 +41,19 @@ def get_default_config() -> ml_collections.ConfigDict:
   train.keep_checkpoints = 10        # "training eventually explodes": keep several to choose from
   train.num_image_samples = 64
 
+  # The same sections as stage 1: optim (how ψ is updated), objective (what is minimised).
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 4e-5         # constant; Adam(b1, b2), coupled L2
+  optim.weight_decay = 3e-5
+  optim.b1 = 0.99
+  optim.b2 = 0.999
+  optim.grad_clip = True             # IGEBM clip (on by default in the reference)
+
+  config.objective = obj = ml_collections.ConfigDict()
+  obj.alpha_s = 0.2                  # spectral regulariser coefficient
+  obj.use_mu_cd = False              # negatives: decoder mean (True) or sample (False)
+
+  # Langevin chains in training (train_steps) and at sampling time (test_steps).
   config.langevin = lv = ml_collections.ConfigDict()
   lv.train_steps = 10
   lv.test_steps = 16
@@ -62,7 +71,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   buf.use = False
   buf.p_max = 0.6
   buf.anneal_steps = 5000
-  buf.size = 10_000
+  buf.capacity = 10_000              # ε_z entries held in all, over all devices
 
   config.sample = sample = ml_collections.ConfigDict()   # --mode=sample
   sample.num_samples = 100

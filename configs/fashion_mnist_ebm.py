@@ -16,8 +16,10 @@ def get_config(arg: str = ""):
   config.data.random_flip = False
   config.vae_workdir = "workdirs/fashion_mnist_vae"
   config.ebm.update(architecture="mnist", n_channel=32)
-  config.train.update(batch_size=32, learning_rate=5e-5, num_train_steps=400, use_mu_cd=False,
-                      log_every_steps=20, image_every_steps=100, checkpoint_every_steps=100)
+  config.train.update(batch_size=32, num_train_steps=400, log_every_steps=20, image_every_steps=100,
+                      checkpoint_every_steps=100)
+  config.optim.update(learning_rate=5e-5)
+  config.objective.update(use_mu_cd=False)
   config.langevin.update(train_steps=10, test_steps=16, step_size=8e-5)
-  config.buffer.update(use=True, p_max=0.6, anneal_steps=200, size=2000)
+  config.buffer.update(use=True, p_max=0.6, anneal_steps=200, capacity=2000)
   return common.apply_variant(config, arg)

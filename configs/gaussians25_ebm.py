@@ -22,8 +22,10 @@ def get_config(arg: str = ""):
   # diverges after ~1,600 steps: it runs 2,000 steps and experiments/gaussians25.py evaluates the
   # checkpoint (every 500 steps) with the best validation log-likelihood, as the reference's users pick
   # the checkpoint before the explosion.
-  config.train.update(batch_size=500, learning_rate=3e-4, weight_decay=0.0, alpha_s=0.05, num_train_steps=2000,
-                      log_every_steps=200, image_every_steps=0, checkpoint_every_steps=500, keep_checkpoints=10)
+  config.train.update(batch_size=500, num_train_steps=2000, log_every_steps=200, image_every_steps=0,
+                      checkpoint_every_steps=500, keep_checkpoints=10)
+  config.optim.update(learning_rate=3e-4, weight_decay=0.0)
+  config.objective.update(alpha_s=0.05)
   config.langevin.update(potential="paper", train_steps=30, test_steps=100, step_size=5e-3)
   config.buffer.use = False
   config.sample.update(num_samples=10_000, batch_size=10_000)

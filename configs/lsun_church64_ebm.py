@@ -15,7 +15,9 @@ def get_config(arg: str = ""):
   config.data.name = "lsun_church64"
   config.vae_workdir = "workdirs/lsun_church64_vae"
   config.ebm.update(architecture="lsun_church64", n_channel=64, data_init=True)
-  config.train.update(batch_size=32, learning_rate=4e-5, alpha_s=0.2, num_train_steps=30000, use_mu_cd=True)
+  config.train.update(batch_size=32, num_train_steps=30000)
+  config.optim.update(learning_rate=4e-5)
+  config.objective.update(alpha_s=0.2, use_mu_cd=True)
   config.langevin.update(train_steps=10, test_steps=20, step_size=4e-6)
-  config.buffer.update(use=True, p_max=0.6, anneal_steps=5000, size=10000)
+  config.buffer.update(use=True, p_max=0.6, anneal_steps=5000, capacity=10000)
   return common.apply_variant(config, arg)

@@ -14,9 +14,10 @@ def get_config(arg: str = ""):
   config.data.random_flip = False
   config.vae_workdir = "workdirs/stacked_digits_vae"
   config.ebm.update(architecture="mnist", n_channel=16, data_init_batches=2)
-  config.train.update(batch_size=32, learning_rate=5e-5, num_train_steps=300, log_every_steps=20,
-                      image_every_steps=100, checkpoint_every_steps=100, num_image_samples=36)
+  config.train.update(batch_size=32, num_train_steps=300, log_every_steps=20, image_every_steps=100,
+                      checkpoint_every_steps=100, num_image_samples=36)
+  config.optim.update(learning_rate=5e-5)
   config.langevin.update(train_steps=10, test_steps=16, step_size=8e-5)
-  config.buffer.update(use=True, p_max=0.6, anneal_steps=100, size=1000)
+  config.buffer.update(use=True, p_max=0.6, anneal_steps=100, capacity=1000)
   config.sample.update(num_samples=10_000, batch_size=500)
   return common.apply_variant(config, arg)

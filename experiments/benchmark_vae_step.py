@@ -58,8 +58,8 @@ def main(_):
                   out_shardings=repl)(jax.random.key(0))
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
-  step = jax.jit(functools.partial(train_vae.train_step, model=model, tx=tx, schedule=schedule, config=config,
-                                   total_steps=config.train.epochs * 195,
+  step = jax.jit(functools.partial(train_vae.train_step, model=model, tx=tx, schedule=schedule,
+                                   settings=train_vae.StepSettings.of(config), total_steps=config.train.epochs * 195,
                                    alpha=objectives.kl_balancer_coefficients(model.groups)),
                  in_shardings=(repl, sharded, repl), out_shardings=(repl, repl), donate_argnums=0)
   batch = parallel.shard_batch(np.random.default_rng(0).uniform(size=(FLAGS.batch,) + shape).astype(np.float32),

@@ -44,7 +44,8 @@ def main(_):
   import jax
   import numpy as np
 
-  from vaebm_jax import sampling, train_ebm
+  from vaebm_jax import sampling
+  from vaebm_jax import workdir as workdir_lib
   from vaebm_jax.data import synthetic
   from vaebm_jax.metrics import likelihood
 
@@ -61,7 +62,7 @@ def main(_):
   ckpt = checkpoint.Checkpointer(ebm_dir, max_to_keep=None)
   steps = sorted(ckpt.manager.all_steps())
   ckpt.close()
-  vae, ebm, params, settings = train_ebm.load_vaebm(ebm_dir)
+  vae, ebm, params, settings = workdir_lib.load_vaebm(ebm_dir)
   z_points = 200 if smoke else 600
   log_p_vae = functools.partial(likelihood.log_density_on_grid_2d, params["vae"], vae=vae, z_points=z_points)
 
@@ -96,7 +97,7 @@ def main(_):
     return (log_z, log_h_grid, float(np.mean(lp_test - energy(test)) - log_z),
             float(np.mean(lp_val - energy(validation)) - log_z))
 
-  ebm_params = {step: train_ebm.load_vaebm(ebm_dir, step)[2]["ebm"] for step in steps}
+  ebm_params = {step: workdir_lib.load_vaebm(ebm_dir, step)[2]["ebm"] for step in steps}
   by_step = {step: vaebm_scores(p) for step, p in ebm_params.items()}
   finite = [st for st in steps if np.isfinite(by_step[st][3])]
   chosen = max(finite, key=lambda st: by_step[st][3]) if finite else steps[-1]

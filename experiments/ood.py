@@ -53,7 +53,7 @@ def main(_):
   import numpy as np
 
   from vaebm_jax.metrics import classifier, likelihood, ood
-  from vaebm_jax.train_ebm import load_vaebm
+  from vaebm_jax.workdir import load_vaebm
 
   smoke = FLAGS.size == "smoke"
   arg = ":smoke" if smoke else ""

@@ -13,3 +13,7 @@ jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 4)
 
 GOLDEN = os.path.join(ROOT, "..", "shared", "reference", "vaebm_small_golden.npz")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: a long end-to-end test (minutes), e.g. executing a notebook")

@@ -33,7 +33,7 @@ def test_langevin_chain_recovers_gaussian_moments():
                                                  step_size=0.02, unroll=8))(eps, jax.random.key(0))
   np.testing.assert_allclose(jnp.mean(final, 0), mu, atol=0.06)
   np.testing.assert_allclose(jnp.std(final, 0), sigma, rtol=0.05)
-  assert energies.shape == (3000,) and energies[-1] < energies[0] + 1.0
+  assert energies.shape == (3000, 4000) and jnp.mean(energies[-1]) < jnp.mean(energies[0]) + 1.0
 
 
 @pytest.mark.parametrize("potential", sampling.POTENTIALS)
@@ -84,6 +84,62 @@ def test_sample_fn_is_deterministic_and_the_same_on_one_and_four_devices(tiny):
   assert results[0].shape == (8, 16, 16, 1) and results[0].min() >= 0.0 and results[0].max() <= 1.0
   other = jax.jit(functools.partial(sampling.sample_fn, **kw))(jax.random.key(8), params)
   assert not np.allclose(np.asarray(other), results[0])
+
+
+def test_sample_fn_pads_a_count_that_does_not_divide_the_devices(tiny):
+  vae, ebm, params = tiny
+  kw = dict(vae=vae, ebm=ebm, num_samples=6, num_steps=2, step_size=1e-3, return_energies=True)
+  one = jax.jit(functools.partial(sampling.sample_fn, mesh=parallel.create_mesh(jax.devices()[:1]), **kw))
+  four = jax.jit(functools.partial(sampling.sample_fn, mesh=parallel.create_mesh(jax.devices()[:4]), **kw))
+  (a, ea), (b, eb) = one(jax.random.key(3), params), four(jax.random.key(3), params)
+  assert a.shape == b.shape == (6, 16, 16, 1) and ea["energies"].shape == (2, 6)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ea["energies"]), np.asarray(eb["energies"]), rtol=1e-5)
+  # the 8 padded chains really are split over the 4 devices (2 each), not run on one
+  hlo = four.lower(jax.random.key(3), params).compile().as_text()
+  assert "(2,16,16,1)" in hlo.replace(" ", "") or "f32[2,16,16,1]" in hlo
+
+
+def test_sample_fn_continues_chains_from_init_and_reports_every_step(tiny):
+  vae, ebm, params = tiny
+  kw = dict(vae=vae, ebm=ebm, num_samples=4, step_size=1e-3)
+  images, extras = jax.jit(functools.partial(sampling.sample_fn, num_steps=3, return_eps=True, return_energies=True,
+                                             **kw))(jax.random.key(0), params)
+  init = (extras["eps_z"], extras["eps_x"])
+  # zero further steps from the returned state reproduce the same images; U per sample and step
+  again, more = jax.jit(functools.partial(sampling.sample_fn, num_steps=0, return_energies=True, **kw))(
+      jax.random.key(1), params, init=init)
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(images))
+  assert more["energies"].shape == (0, 4)
+  assert extras["energies"].shape == extras["ebm_energies"].shape == (3, 4)
+  eps0 = sampling.initial_noise(jax.random.split(jax.random.key(0))[0], vae, 4)
+  u0, e0 = sampling.potential_fn(eps0[0], eps0[1], params, vae=vae, ebm=ebm)
+  np.testing.assert_allclose(np.asarray(extras["energies"][0]), np.asarray(u0), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(extras["ebm_energies"][0]), np.asarray(e0), rtol=1e-5, atol=1e-5)
+  # continuing moves on from where the chains stopped, not from fresh noise
+  cont, ce = jax.jit(functools.partial(sampling.sample_fn, num_steps=1, return_energies=True, **kw))(
+      jax.random.key(1), params, init=init)
+  u_final = sampling.potential_fn(init[0], init[1], params, vae=vae, ebm=ebm)[0]
+  np.testing.assert_allclose(np.asarray(ce["energies"][0]), np.asarray(u_final), rtol=1e-5)
+  with pytest.raises(ValueError, match="init does not fit num_samples=4"):
+    sampling.sample_fn(jax.random.key(1), params, num_steps=1, init=(init[0], init[1][:2]), **kw)
+
+
+def test_sample_fn_pins_float32_matmul_precision(tiny):
+  """CPU computes float32 either way, so check what runs: every conv and matmul of the sampler
+  (potential, its ε-gradient, the final decode) carries precision HIGHEST, even under a global
+  lower default (as TPUs and recent GPUs have)."""
+  vae, ebm, params = tiny
+  draw = jax.jit(functools.partial(sampling.sample_fn, vae=vae, ebm=ebm, num_samples=4, num_steps=2, step_size=1e-3))
+  with jax.default_matmul_precision("bfloat16"):
+    text = draw.lower(jax.random.key(0), params).as_text()
+  ops = [line for line in text.splitlines() if "stablehlo.convolution" in line or "stablehlo.dot_general" in line]
+  assert len(ops) > 20
+  assert all("HIGHEST" in line for line in ops), [line for line in ops if "HIGHEST" not in line][:2]
+  # and the pin is what makes it so: the same network outside the sampler follows the global default
+  with jax.default_matmul_precision("bfloat16"):
+    plain = jax.jit(lambda p, x: ebm.apply(p, x)).lower(params["ebm"], jnp.zeros((4, 16, 16, 1))).as_text()
+  assert "HIGHEST" not in plain
 
 
 def test_data_dependent_init_standardises_every_conv():

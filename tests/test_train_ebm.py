@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import digits_ebm, digits_vae
-from vaebm_jax import evaluate, load_vaebm, sample_fn, train_ebm, train_vae
+from vaebm_jax import checkpoint, evaluate, load_vaebm, sample_fn, train_ebm, train_vae, workdir
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_smoke_configs_run_stage1_stage2_and_sampling(workdirs):
   root, config, state = workdirs
   assert int(state.step) == config.train.num_train_steps
   assert state.buffer is not None and int(state.buffer.size) == min(
-      config.buffer.size, config.train.num_train_steps * config.train.batch_size)
+      config.buffer.capacity, config.train.num_train_steps * config.train.batch_size)
   images = os.listdir(root / "ebm" / "images")
   assert "vaebm_samples_0000006.png" in images and "vae_samples_0000006.png" in images
   out = evaluate.sample_to_files(str(root / "ebm"), num_samples=6, batch_size=4)
@@ -56,17 +56,19 @@ def test_resumed_ebm_run_equals_uninterrupted(workdirs):
 
 def test_missing_or_incompatible_stage1_workdir_is_one_clear_error(workdirs, tmp_path):
   root, config, _ = workdirs
-  with pytest.raises(train_ebm.WorkdirError, match="vae_workdir is not set"):
-    train_ebm.load_vae(None)
-  with pytest.raises(train_ebm.WorkdirError, match="no stage-1 checkpoints .* train the NVAE first"):
-    train_ebm.load_vae(str(tmp_path / "nowhere"))
-  with pytest.raises(train_ebm.WorkdirError, match="not a stage-1"):
-    train_ebm.load_vae(str(root / "ebm"))
+  with pytest.raises(workdir.WorkdirError, match="vae_workdir is not set"):
+    workdir.load_vae(None)
+  with pytest.raises(workdir.WorkdirError, match="no stage-1 checkpoints .* train the NVAE first"):
+    workdir.load_vae(str(tmp_path / "nowhere"))
+  with pytest.raises(workdir.WorkdirError, match="not a stage-1"):
+    workdir.load_vae(str(root / "ebm"))
+  with pytest.raises(workdir.WorkdirError, match="no checkpoint at step 5; it has steps \\[3, 6\\]"):
+    load_vaebm(str(root / "ebm"), step=5)
   other = config.copy_and_resolve_references()
   other.data.name = "fashion_mnist"
-  with pytest.raises(train_ebm.WorkdirError, match="trained on 'digits'"):
+  with pytest.raises(workdir.WorkdirError, match="trained on 'digits'"):
     train_ebm.train_and_evaluate(other, str(tmp_path / "w"))
-  with pytest.raises(train_ebm.WorkdirError, match="no stage-2 checkpoints"):
+  with pytest.raises(workdir.WorkdirError, match="no stage-2 checkpoints"):
     load_vaebm(str(tmp_path / "nothing"))
 
 
@@ -84,7 +86,7 @@ def test_pixel_space_negatives_train_the_same_loop(workdirs, tmp_path):
     assert images.shape == (4, 16, 16, 1)
   with_buffer = pixel.copy_and_resolve_references()
   with_buffer.buffer.use = True
-  with pytest.raises(train_ebm.WorkdirError, match="buffer holds ε_z"):
+  with pytest.raises(workdir.WorkdirError, match="buffer holds ε_z"):
     train_ebm.train_and_evaluate(with_buffer, str(tmp_path / "buffer"))
 
 
@@ -112,3 +114,43 @@ def test_eval_mode_on_stage1_and_stage2_workdirs(workdirs):
     assert metrics["vae"]["classifier_fid"] > 0
     assert os.path.exists(root / stage / "eval" / f"metrics_{metrics['step']}.json")
   assert "vaebm" in metrics and np.isfinite(metrics["test_log_h_unnormalized"])
+
+
+def test_stage2_loads_exactly_the_stage1_checkpoint_it_was_trained_on(workdirs, tmp_path):
+  root, config, _ = workdirs
+  record = workdir.read_stage1_record(str(root / "ebm"))
+  assert record["path"] == str(root / "vae") and record["step"] == 4 and len(record["fingerprint"]) == 16
+  # stage 1 goes on after stage 2 started: a later stage-1 checkpoint with other weights appears
+  vae_dir = tmp_path / "vae"
+  shutil.copytree(root / "vae", vae_dir)
+  _, variables, vae_config, _ = workdir.load_vae(str(vae_dir))
+  ckpt = checkpoint.Checkpointer(str(vae_dir), max_to_keep=None)
+  ckpt.save(8, {"params": jax.tree.map(lambda p: p + 1.0, variables["params"]),
+                "batch_stats": variables["batch_stats"]}, vae_config)
+  ckpt.close()
+  ebm_dir = tmp_path / "ebm"
+  shutil.copytree(root / "ebm", ebm_dir)
+  workdir.write_stage1_record(str(ebm_dir), dict(record, path=str(vae_dir)))
+  _, _, params, _ = load_vaebm(str(ebm_dir))
+  recorded = workdir.load_vae(str(vae_dir), step=4, scan_groups=config.vae_scan_groups)[1]
+  for a, b in zip(jax.tree.leaves(params["vae"]), jax.tree.leaves(recorded), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # a stage-1 workdir whose recorded checkpoint is another architecture is refused
+  workdir.write_stage1_record(str(ebm_dir), dict(record, path=str(vae_dir), fingerprint="0" * 16))
+  with pytest.raises(workdir.WorkdirError, match="is not the one .* was trained on"):
+    load_vaebm(str(ebm_dir))
+  # a recorded stage-1 workdir that has moved is found through the run's config.vae_workdir
+  workdir.write_stage1_record(str(ebm_dir), dict(record, path=str(tmp_path / "moved")))
+  _, _, params, _ = load_vaebm(str(ebm_dir))
+  for a, b in zip(jax.tree.leaves(params["vae"]), jax.tree.leaves(recorded), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_loading_reads_parameters_and_bn_statistics_only(workdirs):
+  root, _, _ = workdirs
+  ckpt = checkpoint.Checkpointer(str(root / "ebm"), max_to_keep=None, read_only=True)
+  _, ebm, params, _ = load_vaebm(str(root / "ebm"))
+  restored = ckpt.restore_items(6, {"params": params["ebm"]})
+  assert set(restored) == {"params"}                     # not opt_state, spectral or the replay buffer
+  assert set(params["vae"]) == {"params", "batch_stats"}
+  ckpt.close()

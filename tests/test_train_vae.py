@@ -27,8 +27,8 @@ def make_step(config, mesh, total_steps):
   repl, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
   state = train_vae.create_train_state(model, tx, jax.random.key(0), (16, 16, 1))
   state = jax.device_put(state, repl)
-  step = jax.jit(functools.partial(train_vae.train_step, model=model, tx=tx, schedule=schedule, config=config,
-                                   total_steps=total_steps, alpha=alpha),
+  step = jax.jit(functools.partial(train_vae.train_step, model=model, tx=tx, schedule=schedule,
+                                   settings=train_vae.StepSettings.of(config), total_steps=total_steps, alpha=alpha),
                  in_shardings=(repl, sharded, repl), out_shardings=(repl, repl))
   return state, step
 

@@ -3,6 +3,7 @@
 Public API: `sample_fn` (pure ε-space Langevin sampler) and `load_vaebm` (restore a stage-2 workdir).
 """
 
-from vaebm_jax.sampling import load_vaebm, sample_fn
+from vaebm_jax.sampling import sample_fn
+from vaebm_jax.workdir import load_vaebm
 
 __all__ = ["load_vaebm", "sample_fn"]

@@ -14,13 +14,16 @@ from absl import logging
 class Checkpointer:
   """Saves `{'state': pytree, 'config': json}` per step under `<workdir>/checkpoints`."""
 
-  def __init__(self, workdir: str, max_to_keep: Optional[int] = 3):
+  def __init__(self, workdir: str, max_to_keep: Optional[int] = 3, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
     self.manager.save(step, args=ocp.args.Composite(
@@ -40,6 +43,17 @@ class Checkpointer:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or replicated), target)
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return restored["state"]
+
+  def restore_items(self, step: int, target: dict) -> dict:
+    """Restores only the top-level items of the saved state named in `target` (e.g. 'params',
+    'batch_stats'), replicated over this process's devices; the rest (optimiser, buffer) is not read."""
+    replicated = jax.sharding.NamedSharding(
+        jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)),
+        jax.sharding.PartitionSpec())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), target)
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+    return dict(restored["state"])
 
   def restore_or_initialize(self, init_fn, *args, sharding) -> Any:
     """The latest checkpoint restored with `sharding`, or `jit(init_fn, out_shardings=sharding)(*args)`

@@ -49,8 +49,8 @@ def parameter_summary(config: ml_collections.ConfigDict) -> str:
   """
   lines = []
   if config.stage == "ebm":
-    from vaebm_jax import train_ebm
-    ebm = train_ebm.create_ebm(config)
+    from vaebm_jax import workdir
+    ebm = workdir.create_ebm(config)
     from vaebm_jax.data.pipeline import image_channels
     table, total = ebm_parameter_table(ebm, image_channels(config.data.name))
     lines.append(f"model: energy network ({config.ebm.architecture}, n_channel={config.ebm.n_channel})")
@@ -100,7 +100,7 @@ def draw_samples(workdir: str, num_samples: int, batch_size: int, seed: int = 0,
   (e.g. num_steps=0 for the VAE alone through the same decoder, space='pixel').
   """
   from vaebm_jax import sampling
-  from vaebm_jax.train_ebm import load_vaebm
+  from vaebm_jax.workdir import load_vaebm
   vae, ebm, params, settings = load_vaebm(workdir, step)
   settings = dict(settings, **overrides)
   batch_size = min(batch_size, num_samples)
@@ -181,24 +181,14 @@ def evaluate(workdir: str, eval_config: ml_collections.ConfigDict, step: Optiona
   """
   import json
 
-  from vaebm_jax import checkpoint, data, sampling
+  from vaebm_jax import data, sampling
   from vaebm_jax.metrics import likelihood
-  from vaebm_jax.train_ebm import WorkdirError, load_vae, load_vaebm
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise WorkdirError(f"no checkpoints in {workdir}/checkpoints: nothing to evaluate")
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=None)
-  latest = ckpt.latest_step()
-  step = latest if step is None else step
-  if step is None:
-    raise WorkdirError(f"{workdir} holds no checkpoint to evaluate")
-  config = ckpt.restore_config(step)
-  ckpt.close()
+  from vaebm_jax.workdir import WorkdirError, load_vae, load_vaebm, read_config
+  config, step = read_config(workdir, step)
   e = eval_config
   key = jax.random.key(e.seed)
   if config.stage == "vae":
-    if step != latest:
-      raise WorkdirError("stage-1 evaluation reads the latest checkpoint; drop --config.eval.step")
-    vae, vae_variables, _ = load_vae(workdir)
+    vae, vae_variables, _, _ = load_vae(workdir, step)
     ebm = ebm_variables = settings = None
   elif config.stage == "ebm":
     vae, ebm, params, settings = load_vaebm(workdir, step)

@@ -66,14 +66,8 @@ def main(argv):
   if mode == "vaebm":
     if config.stage != "vaebm":
       raise app.UsageError("--mode=vaebm needs a two-stage config (configs/*_vaebm.py)")
-    from vaebm_jax import evaluate, train_ebm, train_vae
-    vae_dir, ebm_dir = os.path.join(FLAGS.workdir, "vae"), os.path.join(FLAGS.workdir, "ebm")
-    train_vae.train_and_evaluate(config.vae, vae_dir)
-    with config.unlocked():
-      config.ebm.vae_workdir = vae_dir
-    train_ebm.train_and_evaluate(config.ebm, ebm_dir)
-    out = evaluate.sample_to_files(ebm_dir, config.ebm.sample.num_samples, config.ebm.sample.batch_size)
-    logging.info("VAE sample grids in %s/images, VAEBM samples in %s", vae_dir, out)
+    from vaebm_jax import train_ebm
+    train_ebm.train_both_stages(config, FLAGS.workdir)
   elif mode == "train_vae":
     if config.stage != "vae":
       raise app.UsageError(f"--mode=train_vae needs a stage-1 config (configs/*_vae.py), got stage {config.stage!r}")
@@ -100,7 +94,7 @@ def main(argv):
 
 def run():
   from vaebm_jax.data import DatasetUnavailableError
-  from vaebm_jax.train_ebm import WorkdirError
+  from vaebm_jax.workdir import WorkdirError
   try:
     app.run(main)
   except (DatasetUnavailableError, WorkdirError) as e:

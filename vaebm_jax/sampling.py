@@ -14,6 +14,7 @@ eval-mode BN and both networks frozen; the gradient is that of Σ_b U(ε_b) w.r.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax
@@ -24,6 +25,10 @@ import jax.numpy as jnp
 from vaebm_jax.models.interface import ReparameterizedVAE, check_vae
 
 POTENTIALS = ("code", "paper")
+# Matmul/conv precision of everything that computes a log-density (the potentials, the decoder of the
+# final sample). On TPU and recent GPUs XLA's default uses bf16/TF32 passes, which changes log p(z),
+# log p(x|z) and E(x) beyond the size of a Langevin step (VAEBM_SPEC.md §9.6); CPU is float32 anyway.
+PRECISION = "float32"
 SPACES = ("eps", "pixel")
 PIXEL_INITS = ("vae_mean", "vae_sample", "noise")
 
@@ -39,31 +44,39 @@ def potential_fn(eps_z: Sequence[jax.Array], eps_x: jax.Array, params: Any, *, v
   Returns:
     (U, E), each of shape (B,).
   """
-  out = vae.decode_from_eps(params["vae"], eps_z, eps_x, temperature)
-  energy = ebm.apply(params["ebm"], out["x"])
+  if potential not in POTENTIALS:
+    raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
+  with jax.default_matmul_precision(PRECISION):
+    out = vae.decode_from_eps(params["vae"], eps_z, eps_x, temperature)
+    energy = ebm.apply(params["ebm"], out["x"])
   if potential == "code":
     return energy - out["log_p_z"] - out["log_p_x_given_z"], energy
-  if potential == "paper":
-    sq = sum(jnp.sum(jnp.square(e).reshape(e.shape[0], -1), axis=1) for e in list(eps_z) + [eps_x])
-    return energy + 0.5 * sq, energy
-  raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
+  sq = sum(jnp.sum(jnp.square(e).reshape(e.shape[0], -1), axis=1) for e in list(eps_z) + [eps_x])
+  return energy + 0.5 * sq, energy
 
 
-def langevin_step(eps, key: jax.Array, grad_fn: Callable, step_size: float, noise_scale: float = 1.0):
+def langevin_step(eps, key: jax.Array, grad_fn: Callable, step_size: float, noise_scale: float = 1.0,
+                  noise_rows: Optional[int] = None):
   """One update ε ← ε − (η/2)∇U + c·√η ξ for a pytree ε (c = `noise_scale`, 1 for Langevin dynamics);
-  `grad_fn(ε) → (∇ Σ U, aux)`."""
+  `grad_fn(ε) → (∇ Σ U, aux)`. `noise_rows`: draw ξ for the first rows only and pad with zeros (the
+  padding rows of `sample_fn`, so that a chain's noise does not depend on the padded batch)."""
   grads, aux = grad_fn(eps)
   leaves, treedef = jax.tree.flatten(eps)
   keys = jax.random.split(key, len(leaves))
-  noise = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves,
-                                                                                                strict=True)])
+
+  def draw(k, x):
+    rows = x.shape[0] if noise_rows is None else noise_rows
+    xi = jax.random.normal(k, (rows,) + x.shape[1:], x.dtype)
+    return xi if rows == x.shape[0] else _pad_rows(xi, x.shape[0])
+
+  noise = jax.tree.unflatten(treedef, [draw(k, x) for k, x in zip(keys, leaves, strict=True)])
   new = jax.tree.map(lambda e, g, n: e - 0.5 * step_size * g + noise_scale * jnp.sqrt(step_size) * n, eps, grads,
                      noise)
   return new, aux
 
 
 def langevin_chain(eps, key: jax.Array, potential: Callable, *, num_steps: int, step_size: float,
-                   unroll: int | bool = 1, noise_scale: float = 1.0):
+                   unroll: int | bool = 1, noise_scale: float = 1.0, noise_rows: Optional[int] = None):
   """Runs `num_steps` Langevin updates as one `jax.lax.scan`.
 
   Args:
@@ -72,20 +85,23 @@ def langevin_chain(eps, key: jax.Array, potential: Callable, *, num_steps: int, 
     unroll: passed to lax.scan (True unrolls fully; on CPU with the fast conv path it gained nothing,
       experiments/RESULTS.md).
     noise_scale: multiplies the √η noise (1 = Langevin dynamics; short-run EBMs often use less).
+    noise_rows: see `langevin_step`.
+  U and its gradient are computed at float32 matmul precision (`PRECISION`).
   Returns:
-    (final ε, per-step mean U (num_steps,), per-step aux (num_steps, B)).
+    (final ε, U per step and sample (num_steps, B), aux per step (num_steps, B)); step k's values are
+    those of the state the k-th update starts from.
   """
   def summed(e):
     u, aux = potential(e)
     return jnp.sum(u), (u, aux)
 
   def grad_fn(e):
-    (_, per_sample), grads = jax.value_and_grad(summed, has_aux=True)(e)
+    with jax.default_matmul_precision(PRECISION):    # the backward pass is traced here, not in `potential`
+      (_, per_sample), grads = jax.value_and_grad(summed, has_aux=True)(e)
     return grads, per_sample
 
   def body(e, k):
-    e, (u, aux) = langevin_step(e, k, grad_fn, step_size, noise_scale)
-    return e, (jnp.mean(u), aux)
+    return langevin_step(e, k, grad_fn, step_size, noise_scale, noise_rows)
 
   final, (energies, aux) = jax.lax.scan(body, eps, jax.random.split(key, num_steps), unroll=unroll)
   return final, energies, aux
@@ -97,6 +113,19 @@ def _shard(x: jax.Array, mesh: Optional[jax.sharding.Mesh]) -> jax.Array:
     return x
   spec = jax.sharding.PartitionSpec("data", *([None] * (x.ndim - 1)))
   return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+
+def _auto_axes(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+  """The same devices and axis names with Auto axis types (`jax.make_mesh` defaults to Explicit), which is
+  how parameters are placed by `load_vaebm` and how the chain is sharded here."""
+  if all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types):
+    return mesh
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * mesh.devices.ndim)
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+  """x with zero rows appended along axis 0 up to `rows`."""
+  return jnp.concatenate([x, jnp.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)]) if rows > x.shape[0] else x
 
 
 def default_mesh() -> jax.sharding.Mesh:
@@ -142,7 +171,8 @@ def initial_pixels(key: jax.Array, params: Any, *, vae: ReparameterizedVAE, num_
 
 def pixel_potential_fn(x: jax.Array, params: Any, *, ebm: nn.Module):
   """U(x) = E(x) per sample (the EBM alone, in pixel space), and E as the aux output."""
-  energy = ebm.apply(params["ebm"], x)
+  with jax.default_matmul_precision(PRECISION):
+    energy = ebm.apply(params["ebm"], x)
   return energy, energy
 
 
@@ -150,59 +180,102 @@ def sample_fn(key: jax.Array, params: Any, *, vae: ReparameterizedVAE, ebm: nn.M
               num_steps: int, step_size: float, potential: str = "code", temperature: float = 1.0,
               unroll: int | bool = 1, clip: bool = True, return_eps: bool = False,
               return_energies: bool = False, mesh: Optional[jax.sharding.Mesh] = None, space: str = "eps",
-              pixel_init: str = "vae_mean", noise_scale: float = 1.0):
-  """Draws VAEBM samples: ε-space Langevin from N(0, I), then the decoder mean (§1.5).
+              pixel_init: str = "vae_mean", noise_scale: float = 1.0, init=None):
+  """Draws VAEBM samples: ε-space Langevin from N(0, I) (or from `init`), then the decoder mean (§1.5).
 
   A pure function of (key, params); `vae` and `ebm` are static modules, so wrap it as
   `jax.jit(functools.partial(sample_fn, vae=..., ebm=..., num_samples=..., num_steps=..., step_size=...))`.
-  Samples are split across all devices when `num_samples` divides by the device count, and are the
-  same for a key whatever the number of devices.
+  The chains are split across all devices of `mesh`: a `num_samples` that does not divide by the device
+  count is padded with extra chains that are dropped at the end. A key gives the same samples whatever
+  the number of devices. The log-densities run at float32 matmul precision (`PRECISION`).
 
   Args:
     key: PRNG key.
     params: {'vae': VAE variables (NVAE: params, batch_stats), 'ebm': energy-net variables}.
     vae: any `models.interface.ReparameterizedVAE` (an `NVAE` module, an `MLPVAE`, ...).
+    num_samples: number of chains (any positive number).
     num_steps, step_size: Langevin steps K and η (§2 table; η/2 multiplies ∇U, √η the noise).
     potential: 'code' (default) or 'paper' (§1.4).
     temperature: prior temperature t (VAEBM uses 1).
     unroll: lax.scan unroll of the chain.
     clip: clip image outputs to [0, 1] (the reference instead min-max rescales each image when saving;
-      `evaluate.export_images` does either). Ignored for non-image data.
-    return_eps, return_energies: also return the final (ε_z, ε_x) and the per-step mean U.
+      `evaluate.to_unit_range` does either). Ignored for non-image data.
+    return_eps: also return the final chain state: `eps_z` (list, top group first) and `eps_x` (ε-space),
+      or `x` (pixel space) — pass it back as `init` to continue the chains.
+    return_energies: also return `energies`, U of every sample at the start of every step
+      (num_steps, num_samples), and `ebm_energies`, E(x) at the same points.
     mesh: 1-D ('data',) mesh to split the samples over; default: all devices.
     space: 'eps' (VAEBM) or 'pixel' (baselines: Langevin on x with U = E(x); returns the final x).
     pixel_init: start of a pixel-space chain, 'vae_mean', 'vae_sample' or 'noise' (uniform on [0, 1]).
     noise_scale: multiplies the √η noise (1 = Langevin dynamics).
+    init: optional start of the chains instead of fresh noise: `(eps_z, eps_x)` in ε-space (eps_z one
+      array per latent group, as returned with `return_eps`), the images x in pixel space; batch
+      `num_samples`.
   Returns:
     images (num_samples, *vae.image_shape) (in [0, 1] for images), plus the requested extras in a dict.
   """
   vae = check_vae(vae)
   if space not in SPACES:
     raise ValueError(f"space must be one of {SPACES}, got {space!r}")
-  mesh = default_mesh() if mesh is None else mesh
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be positive, got {num_samples}")
+  mesh = default_mesh() if mesh is None else _auto_axes(mesh)
+  rows = -(-num_samples // mesh.size) * mesh.size           # padded to a multiple of the devices
+  prepare = lambda x: _shard(_pad_rows(x, rows), mesh)
   k_init, k_chain = jax.random.split(key)
+  chain = functools.partial(langevin_chain, key=k_chain, num_steps=num_steps, step_size=step_size, unroll=unroll,
+                            noise_scale=noise_scale, noise_rows=num_samples)
   extras = {}
   if space == "eps":
-    eps = initial_noise(k_init, vae, num_samples, mesh)
+    if init is None:
+      eps_z, eps_x = initial_noise(k_init, vae, num_samples)
+    else:
+      eps_z, eps_x = _check_init_eps(init, vae, num_samples)
+    eps = (list(map(prepare, eps_z)), prepare(eps_x))
     potential_of = lambda e: potential_fn(e[0], e[1], params, vae=vae, ebm=ebm, potential=potential,
                                           temperature=temperature)
-    eps, energies, _ = langevin_chain(eps, k_chain, potential_of, num_steps=num_steps, step_size=step_size,
-                                      unroll=unroll, noise_scale=noise_scale)
-    eps_z, eps_x = eps
-    images = vae.decode_from_eps(params["vae"], eps_z, eps_x, temperature)["mean"]
+    (eps_z, eps_x), energies, ebm_energies = chain(eps, potential=potential_of)
+    with jax.default_matmul_precision(PRECISION):
+      images = vae.decode_from_eps(params["vae"], eps_z, eps_x, temperature)["mean"][:num_samples]
     if return_eps:
-      extras["eps_z"], extras["eps_x"] = eps_z, eps_x
+      extras["eps_z"], extras["eps_x"] = [e[:num_samples] for e in eps_z], eps_x[:num_samples]
   else:
-    x = initial_pixels(k_init, params, vae=vae, num_samples=num_samples, init=pixel_init, temperature=temperature,
-                       mesh=mesh)
-    images, energies, _ = langevin_chain(x, k_chain, lambda x: pixel_potential_fn(x, params, ebm=ebm),
-                                         num_steps=num_steps, step_size=step_size, unroll=unroll,
-                                         noise_scale=noise_scale)
+    if init is None:
+      x = initial_pixels(k_init, params, vae=vae, num_samples=num_samples, init=pixel_init, temperature=temperature)
+    else:
+      x = _check_init_pixels(init, vae, num_samples)
+    x, energies, ebm_energies = chain(prepare(x), potential=lambda x: pixel_potential_fn(x, params, ebm=ebm))
+    images = x[:num_samples]
+    if return_eps:
+      extras["x"] = images
   if clip and len(vae.image_shape) == 3:
     images = jnp.clip(images, 0.0, 1.0)
   if return_energies:
-    extras["energies"] = energies
+    extras["energies"], extras["ebm_energies"] = energies[:, :num_samples], ebm_energies[:, :num_samples]
   return (images, extras) if (return_eps or return_energies) else images
+
+
+def _check_init_eps(init, vae: ReparameterizedVAE, num_samples: int):
+  try:
+    eps_z, eps_x = init
+    eps_z = list(eps_z)
+  except (TypeError, ValueError):
+    raise ValueError("init must be (eps_z, eps_x) in ε-space: eps_z a list with one array per latent group (top "
+                     "first), as sample_fn returns with return_eps=True") from None
+  want = [(num_samples,) + tuple(s) for s in vae.latent_shapes()]
+  got = [tuple(e.shape) for e in eps_z]
+  if got != want or tuple(eps_x.shape) != (num_samples,) + tuple(vae.image_shape):
+    raise ValueError(f"init does not fit num_samples={num_samples} and this VAE: eps_z shapes {got} (want {want}), "
+                     f"eps_x {tuple(eps_x.shape)} (want {(num_samples,) + tuple(vae.image_shape)})")
+  return eps_z, eps_x
+
+
+def _check_init_pixels(init, vae: ReparameterizedVAE, num_samples: int):
+  want = (num_samples,) + tuple(vae.image_shape)
+  if not hasattr(init, "shape") or tuple(init.shape) != want:
+    raise ValueError(f"init must be images of shape {want} for a pixel-space chain, got "
+                     f"{getattr(init, 'shape', type(init).__name__)}")
+  return init
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,17 +333,7 @@ def push_replay_buffer(buffer: ReplayBuffer, eps_z: Sequence[jax.Array]) -> Repl
                       (buffer.pointer + batch) % buffer.capacity)
 
 
-def load_vaebm(workdir: str, step: Optional[int] = None):
-  """Restores a stage-2 workdir: (vae module, ebm module, params, sampling settings).
-
-  `params = {'vae': ..., 'ebm': ...}` and `settings` (num_steps, step_size, potential, temperature)
-  plug straight into `sample_fn`.
-  """
-  from vaebm_jax import train_ebm
-  return train_ebm.load_vaebm(workdir, step)
-
-
 __all__ = ["PIXEL_INITS", "POTENTIALS", "SPACES", "ReplayBuffer", "init_replay_buffer", "initial_noise",
-           "initial_pixels", "langevin_chain", "langevin_step", "latent_noise", "load_vaebm", "pixel_potential_fn",
+           "initial_pixels", "langevin_chain", "langevin_step", "latent_noise", "pixel_potential_fn",
            "potential_fn", "push_replay_buffer", "replay_probability", "sample_fn", "sample_initial_eps_z",
            "vae_samples"]

@@ -6,9 +6,9 @@ state over a ('data',) mesh), evaluation, then the loop with checkpoints, metric
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-import os
 from typing import Any
 
 import flax
@@ -18,14 +18,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 
-from vaebm_jax import checkpoint, data, objectives, optim, parallel, visualize
-from vaebm_jax.models import mlp, nvae
-
-# config.model_type → the VAE class built from config.model (both implement the ELBO path and
-# models.interface.LikelihoodVAE).
-MODELS = {"nvae": nvae.NVAE, "mlp_vae": mlp.MLPVAE}
+from vaebm_jax import data, loop, objectives, optim
+from vaebm_jax import workdir as workdir_lib
+from vaebm_jax.models import nvae
 
 
 @flax.struct.dataclass
@@ -41,12 +37,8 @@ class VAETrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def create_model(config: ml_collections.ConfigDict):
-  """The VAE of a stage-1 config: `MODELS[config.model_type](**config.model)` (NVAE by default)."""
-  model_type = config.get("model_type", "nvae")
-  if model_type not in MODELS:
-    raise ValueError(f"model_type must be one of {sorted(MODELS)}, got {model_type!r}")
-  return MODELS[model_type](**config.model.to_dict())
+# The VAE of a stage-1 config (NVAE or MLP VAE by config.model_type); lives with workdir loading.
+create_model = workdir_lib.create_vae
 
 
 def _quantize(model, x: jax.Array) -> jax.Array:
@@ -72,14 +64,31 @@ def create_train_state(model: nvae.NVAE, tx: optax.GradientTransformation, key: 
                        tx.init(variables["params"]), spectral)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """What a stage-1 step reads from `config.objective` (§5.6), as a static, hashable argument."""
+  kl_anneal_portion: float
+  kl_const_portion: float
+  kl_const_coeff: float
+  kl_balance: bool
+  weight_decay_norm: float
+  weight_decay_norm_init: float
+  weight_decay_norm_anneal: bool
+  num_power_iter: int
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict) -> "StepSettings":
+    return cls(**{f.name: config.objective[f.name] for f in dataclasses.fields(cls)})
+
+
 def train_step(state: VAETrainState, batch: jax.Array, key: jax.Array, *, model,
-               tx: optax.GradientTransformation, schedule, config: ml_collections.ConfigDict,
+               tx: optax.GradientTransformation, schedule, settings: StepSettings,
                total_steps: int, alpha: np.ndarray):
   """One NVAE update: NELBO with KL warm-up/balancing + λ·(spectral + BN-γ) (§5.6).
 
   A non-finite loss or gradient leaves params, BN stats, optimiser and u/v untouched (`skipped`).
   """
-  obj = config.objective
+  obj = settings
   key = jax.random.fold_in(key, state.step)
   x = _quantize(model, batch)
   beta = objectives.kl_coefficient(state.step, total_steps, obj.kl_anneal_portion, obj.kl_const_portion,
@@ -111,7 +120,7 @@ def train_step(state: VAETrainState, batch: jax.Array, key: jax.Array, *, model,
   new_params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  keep = lambda new, old: loop.keep_if_finite(finite, new, old)
   new_state = VAETrainState(
       step=state.step + 1,
       params=keep(new_params, state.params),
@@ -123,9 +132,8 @@ def train_step(state: VAETrainState, batch: jax.Array, key: jax.Array, *, model,
   return new_state, metrics
 
 
-def eval_step(variables, batch: jax.Array, key: jax.Array, *, model, config):
+def eval_step(variables, batch: jax.Array, key: jax.Array, *, model):
   """Per-example NELBO (β = 1, no balancing) in eval-mode BN, with the model's own p(x|z)."""
-  del config
   x = _quantize(model, batch)
   out = model.apply(variables, x, False, rngs={"sample": key})
   recon = -objectives.reconstruction_log_prob(model.decoder_distribution(out.logits), x)
@@ -137,18 +145,10 @@ def reconstruct(variables, batch, key, *, model):
   return model.decoder_distribution(out.logits).mean()
 
 
-def _write_images(writer, workdir: str, step: int, images: dict[str, np.ndarray]) -> None:
-  grids = {name: visualize.make_grid(img) for name, img in images.items()}
-  for name, grid in grids.items():
-    visualize.save_png(grid, os.path.join(workdir, "images", f"{name}_{step:07d}.png"))
-  writer.write_images(step, {name: grid[None] for name, grid in grids.items()})
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETrainState:
   """Trains the NVAE of `config` in `workdir`, resuming from its latest checkpoint if any."""
-  mesh = parallel.create_mesh()
-  parallel.check_batch_size(config.train.batch_size, mesh)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  run = loop.start(config, workdir)
+  mesh, repl, sharded = run.mesh, run.replicated, run.data_sharded
 
   # Data.
   model = create_model(config)
@@ -167,23 +167,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
   # Model, optimiser, state (initialised replicated by one jit).
   tx, schedule = create_optimizer(config, steps_per_epoch, epochs)
   alpha = objectives.kl_balancer_coefficients(model.groups, "square")
-  repl, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  root_key = jax.random.key(config.seed)
-  init_key, train_key, eval_key = jax.random.split(root_key, 3)
-  ckpt = checkpoint.Checkpointer(workdir, config.train.keep_checkpoints)
-  state = ckpt.restore_or_initialize(
+  init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
+  state = run.checkpointer.restore_or_initialize(
       functools.partial(create_train_state, model, tx, image_shape=train_ds.image_shape), init_key, sharding=repl)
   state_sharding = jax.tree.map(lambda _: repl, state)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-  logging.info("NVAE: %d parameters, latent groups %s", num_params, model.latent_shapes())
-  writer.write_hparams(flatten_config(config))
+  logging.info("NVAE: %d parameters, latent groups %s, %d steps per epoch", num_params, model.latent_shapes(),
+               steps_per_epoch)
 
   p_train_step = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, settings=StepSettings.of(config),
                         total_steps=total_steps, alpha=alpha),
       in_shardings=(state_sharding, sharded, repl), out_shardings=(state_sharding, repl), donate_argnums=0)
-  p_eval_step = jax.jit(functools.partial(eval_step, model=model, config=config),
-                        in_shardings=(repl, sharded, repl), out_shardings=sharded)
+  p_eval_step = jax.jit(functools.partial(eval_step, model=model), in_shardings=(repl, sharded, repl),
+                        out_shardings=sharded)
   p_reconstruct = jax.jit(functools.partial(reconstruct, model=model), in_shardings=(repl, sharded, repl))
 
   def sample(variables, key, temperature):
@@ -197,11 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
         break
       if batch.shape[0] % mesh.size:  # ragged last batch: drop to keep shapes shardable
         break
-      nelbos.append(np.asarray(p_eval_step(state.variables, parallel.shard_batch(batch, mesh),
-                                           jax.random.fold_in(eval_key, i))))
+      nelbos.append(np.asarray(p_eval_step(state.variables, run.shard(batch), jax.random.fold_in(eval_key, i))))
     nelbo = float(np.mean(np.concatenate(nelbos)))
     dims = float(np.prod(train_ds.image_shape))
-    writer.write_scalars(step, {"test/nelbo": nelbo, "test/bpd": nelbo / (dims * math.log(2.0))})
+    run.writer.write_scalars(step, {"test/nelbo": nelbo, "test/bpd": nelbo / (dims * math.log(2.0))})
     return nelbo
 
   def write_images(state, step):
@@ -209,70 +205,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
       return
     x = eval_ds.batches[0][: config.train.num_image_samples]
     x = x[: (x.shape[0] // mesh.size) * mesh.size]
-    recon = np.asarray(p_reconstruct(state.variables, parallel.shard_batch(x, mesh), eval_key))
+    recon = np.asarray(p_reconstruct(state.variables, run.shard(x), eval_key))
     half = x.shape[0] // 2
     pairs = np.stack([x[:half], recon[:half]], axis=1).reshape((-1,) + x.shape[1:])
-    _write_images(writer, workdir, step, {
+    loop.write_images(run.writer, workdir, step, {
         "reconstructions": pairs,
-        "samples_t1.0": np.asarray(p_sample(state.variables, jax.random.fold_in(eval_key, 1), 1.0)),
-        "samples_t0.7": np.asarray(p_sample(state.variables, jax.random.fold_in(eval_key, 2), 0.7)),
+        "samples_t1.0": p_sample(state.variables, jax.random.fold_in(eval_key, 1), 1.0),
+        "samples_t0.7": p_sample(state.variables, jax.random.fold_in(eval_key, 2), 0.7),
     })
 
-  # Loop.
-  start_step = int(state.step)
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-  hooks = [report] if jax.process_index() == 0 else []
-  logging.info("Training steps %d → %d (%d steps per epoch, %d devices)", start_step, total_steps,
-               steps_per_epoch, mesh.size)
-  train_metrics = []
-  batches = train_ds.iterate(start_step)
-  for step in range(start_step + 1, total_steps + 1):
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      state, metrics = p_train_step(state, parallel.shard_batch(next(batches), mesh), train_key)
-    train_metrics.append(metrics)
-    for hook in hooks:
-      hook(step)
-    if due(step, config.train.log_every_steps, total_steps):
-      scalars = aggregate_metrics(train_metrics)
-      writer.write_scalars(step, scalars)
-      if scalars["train/skipped"]:
-        logging.warning("step %d: %d updates skipped for a non-finite loss", step, scalars["train/skipped"])
-      train_metrics = []
-    if due(step, config.train.eval_every_steps, total_steps):
-      evaluate(state, step)
-    if due(step, config.train.image_every_steps, total_steps):
-      write_images(state, step)
-    if due(step, config.train.checkpoint_every_steps, total_steps):
-      ckpt.save(step, state, config)
-  ckpt.close()
-  writer.flush()
-  return state
+  batches = train_ds.iterate(int(state.step))
+  return loop.run(state, lambda state, batch: p_train_step(state, batch, train_key), batches, run,
+                  total_steps=total_steps, name="NVAE",
+                  actions=[(config.train.eval_every_steps, evaluate), (config.train.image_every_steps, write_images)])
 
-
-def due(step: int, every: int, total: int) -> bool:
-  """Periodic actions run every `every` steps (never when 0) and at the last step."""
-  return step == total or (every > 0 and step % every == 0)
-
-
-def aggregate_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
-  """Means over logged steps (sums for `skipped`); vector metrics become `train_<name>/<index>`."""
-  stacked = jax.device_get(history)
-  scalars = {}
-  for name in stacked[0]:
-    values = np.stack([m[name] for m in stacked])
-    if values.ndim == 1:
-      scalars[f"train/{name}"] = float(values.sum() if name == "skipped" else values.mean())
-    else:
-      for g, v in enumerate(values.mean(0)):
-        scalars[f"train_{name}/{g:02d}"] = float(v)
-  return scalars
-
-
-def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  flat = {}
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      flat.update({f"{key}.{k}": v for k, v in flatten_config(value).items()})
-    else:
-      flat[key] = value if value is not None else "None"
-  return flat

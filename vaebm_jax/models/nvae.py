@@ -214,8 +214,8 @@ class NVAE(nn.Module):
   Variable tree: `stem`, `pre_process_i`, `enc_groups_s` (encoder cells of the groups of encoder
   scale s, stacked), `down_enc_s`, `enc0`, `enc_sampler_top`, `nf_top_n`, `dec_combiner_top`,
   `latent_groups_s` (all other groups of decoder scale s, stacked: `LatentGroup`), `up_dec_s`,
-  `post_process_i`, `image_conditional`, `prior_ftr0`. `torch_module_map` relates it to the
-  reference's flat module lists. With `scan_groups=False` the groups are separate modules
+  `post_process_i`, `image_conditional`, `prior_ftr0`. `torch_import.torch_module_map` relates it
+  to the reference's flat module lists. With `scan_groups=False` the groups are separate modules
   (`enc_groups_s_g`, `latent_groups_s_g`; `unstack_groups` converts): straight-line code, slower to
   compile, faster on XLA:CPU where a loop body loses some fusions (what stage 2's Langevin uses).
   """
@@ -283,55 +283,6 @@ class NVAE(nn.Module):
       spans.append((start, n))
       start += n
     return spans
-
-  def torch_module_map(self) -> dict[str, tuple[tuple[str, ...], Optional[int]]]:
-    """Reference module-list entries → (our module path, index in its stack or None).
-
-    The reference keeps flat lists (`enc_tower.i`, `dec_tower.i`, `enc_sampler.i`,
-    `dec_sampler.i`, `nf_cells.i`); keys are written as our importer joins them (`enc_tower_i`).
-    Paths are those of the scanned layout; `unstack_groups` gives the other.
-    """
-    groups, scales = self.groups, self.num_latent_scales
-    out: dict[str, tuple[tuple[str, ...], Optional[int]]] = {}
-
-    def latent(s_dec: int, g_dec: int, name: str):
-      return (f"latent_groups_{s_dec}", name), g_dec - (1 if s_dec == 0 else 0)
-
-    i = 0
-    if not self.vanilla_vae:
-      for s in range(scales):
-        for g in range(groups[s]):
-          for c in range(self.num_cell_per_cond_enc):
-            out[f"enc_tower_{i}"] = ((f"enc_groups_{s}", f"cell_{c}"), g)
-            i += 1
-          if not (s == scales - 1 and g == groups[s] - 1):
-            out[f"enc_tower_{i}"] = latent(scales - 1 - s, groups[s] - 1 - g, "enc_combiner")
-            i += 1
-        if s < scales - 1:
-          out[f"enc_tower_{i}"] = ((f"down_enc_{s}",), None)
-          i += 1
-    i = idx = 0
-    for s in range(scales):
-      for g in range(groups[scales - 1 - s]):
-        top = s == 0 and g == 0
-        out[f"enc_sampler_{idx}"] = (("enc_sampler_top",), None) if top else latent(s, g, "enc_sampler")
-        for n in range(self.num_nf):
-          out[f"nf_cells_{idx * self.num_nf + n}"] = ((f"nf_top_{n}",), None) if top else latent(s, g, f"nf_{n}")
-        if not top:
-          out[f"dec_sampler_{idx - 1}"] = latent(s, g, "dec_sampler")
-        idx += 1
-        if self.vanilla_vae:
-          continue
-        if not top:
-          for c in range(self.num_cell_per_cond_dec):
-            out[f"dec_tower_{i}"] = latent(s, g, f"dec_cell_{c}")
-            i += 1
-        out[f"dec_tower_{i}"] = (("dec_combiner_top",), None) if top else latent(s, g, "dec_combiner")
-        i += 1
-      if s < scales - 1 and not self.vanilla_vae:
-        out[f"dec_tower_{i}"] = ((f"up_dec_{s}",), None)
-        i += 1
-    return out
 
   # -------------------------------------------------------------------------------- modules
   def setup(self):

@@ -6,13 +6,14 @@ Kernels go from OIHW to HWIO, `log_weight_norm` from (C, 1, 1, 1) to (C,), `prio
 to HWC, BN `running_*` into 'batch_stats'. The
 reference loads with `strict=True`, which can skip tensors silently (VAEBM_SPEC.md §9.15); here
 `check_against` compares every converted tensor with the model's own variables and fails on any
-missing, extra or mis-shaped one.
+missing, extra or mis-shaped one. `torch_module_map` relates the reference's flat module lists to
+our (scanned) module tree. Whole `checkpoint.pt` files of NVAE's train.py: `vaebm_jax.import_nvae`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 from flax import traverse_util
@@ -126,12 +127,62 @@ def restack(tree: Mapping[str, Any], module_map: Mapping[str, tuple[tuple[str, .
   return traverse_util.unflatten_dict(flat)
 
 
+def torch_module_map(model) -> dict[str, tuple[tuple[str, ...], Optional[int]]]:
+  """Reference module-list entries of the `NVAE` `model` → (our module path, index in its stack or None).
+
+  The reference keeps flat lists (`enc_tower.i`, `dec_tower.i`, `enc_sampler.i`,
+  `dec_sampler.i`, `nf_cells.i`); keys are written as our importer joins them (`enc_tower_i`).
+  Paths are those of the scanned layout; `nvae.unstack_groups` gives the other.
+  """
+  groups, scales = model.groups, model.num_latent_scales
+  out: dict[str, tuple[tuple[str, ...], Optional[int]]] = {}
+
+  def latent(s_dec: int, g_dec: int, name: str):
+    return (f"latent_groups_{s_dec}", name), g_dec - (1 if s_dec == 0 else 0)
+
+  i = 0
+  if not model.vanilla_vae:
+    for s in range(scales):
+      for g in range(groups[s]):
+        for c in range(model.num_cell_per_cond_enc):
+          out[f"enc_tower_{i}"] = ((f"enc_groups_{s}", f"cell_{c}"), g)
+          i += 1
+        if not (s == scales - 1 and g == groups[s] - 1):
+          out[f"enc_tower_{i}"] = latent(scales - 1 - s, groups[s] - 1 - g, "enc_combiner")
+          i += 1
+      if s < scales - 1:
+        out[f"enc_tower_{i}"] = ((f"down_enc_{s}",), None)
+        i += 1
+  i = idx = 0
+  for s in range(scales):
+    for g in range(groups[scales - 1 - s]):
+      top = s == 0 and g == 0
+      out[f"enc_sampler_{idx}"] = (("enc_sampler_top",), None) if top else latent(s, g, "enc_sampler")
+      for n in range(model.num_nf):
+        out[f"nf_cells_{idx * model.num_nf + n}"] = ((f"nf_top_{n}",), None) if top else latent(s, g, f"nf_{n}")
+      if not top:
+        out[f"dec_sampler_{idx - 1}"] = latent(s, g, "dec_sampler")
+      idx += 1
+      if model.vanilla_vae:
+        continue
+      if not top:
+        for c in range(model.num_cell_per_cond_dec):
+          out[f"dec_tower_{i}"] = latent(s, g, f"dec_cell_{c}")
+          i += 1
+      out[f"dec_tower_{i}"] = (("dec_combiner_top",), None) if top else latent(s, g, "dec_combiner")
+      i += 1
+    if s < scales - 1 and not model.vanilla_vae:
+      out[f"dec_tower_{i}"] = ((f"up_dec_{s}",), None)
+      i += 1
+  return out
+
+
 def nvae_variables_from_torch(state: Mapping[str, np.ndarray], model) -> dict[str, Any]:
   """Official NVAE state_dict → `{'params', 'batch_stats'}` for the `NVAE` instance `model`.
 
   The model fixes the layout: the groups of each latent scale are stacked for its `nn.scan`.
   """
-  return restack(convert_state_dict(state, _NVAE_RENAMES), model.torch_module_map())
+  return restack(convert_state_dict(state, _NVAE_RENAMES), torch_module_map(model))
 
 
 def check_against(converted: Mapping[str, Any], reference: Mapping[str, Any]) -> None:
