@@ -8,7 +8,8 @@ setup(
     description="VAEBM: a VAE (NVAE) refined by an energy-based model, with Langevin dynamics in the "
                 "VAE's noise space, in JAX/Flax",
     packages=find_packages(include=["vaebm_jax", "vaebm_jax.*", "configs"]),
-    package_data={"vaebm_jax.metrics": ["weights/*.npz"]},   # the small-dataset classifiers (metrics.classifier)
+    package_data={"vaebm_jax.metrics": ["weights/*.npz"],    # the small-dataset classifiers (metrics.classifier)
+                  "vaebm_jax": ["pretrained/**/*"]},         # shipped models (workdir.pretrained)
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.8",

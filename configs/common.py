@@ -39,8 +39,8 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections
                num_latent_scales=min(m.num_latent_scales, 2), num_latent_per_group=4,
                num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_preprocess_cells=1,
                num_postprocess_cells=1, num_nf=min(m.num_nf, 1))
-      config.train.update(batch_size=16, num_train_steps=40, log_every_steps=10, image_every_steps=20,
-                          checkpoint_every_steps=10, eval_every_steps=20, num_eval_batches=2,
+      config.train.update(batch_size=16, num_train_steps=8, log_every_steps=4, image_every_steps=8,
+                          checkpoint_every_steps=4, eval_every_steps=8, num_eval_batches=2,
                           eval_batch_size=32, num_image_samples=16)
       config.optim.warmup_epochs = min(config.optim.warmup_epochs, 0.1)
     else:

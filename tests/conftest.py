@@ -1,9 +1,27 @@
-"""Tests run on CPU with 4 simulated devices (set before JAX initialises its backends)."""
+"""Tests run on CPU with 4 simulated devices (set before JAX initialises its backends).
+
+XLA's persistent compilation cache is on for the test session and the processes it starts (stage runs
+of the smoke experiments, the notebook's kernel): most of the suite's time is compiling the same
+small NVAE programs again — in a resumed run, in each experiment stage, in every test that builds a
+loop — and identical programs are then compiled once. `VAEBM_TEST_XLA_CACHE=` (empty) turns it off.
+For the same reason XLA:CPU compiles at LLVM optimisation level 0 here (compiling the smoke models
+halves; they run a little slower, which tests do not time). `VAEBM_TEST_FAST_COMPILE=0` turns it off.
+"""
 
 import os
 import sys
+import tempfile
 
-import jax
+_CACHE = os.environ.get("VAEBM_TEST_XLA_CACHE", os.path.join(tempfile.gettempdir(), "vaebm_jax_test_xla_cache"))
+if _CACHE and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE                 # inherited by subprocesses
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+if os.environ.get("VAEBM_TEST_FAST_COMPILE", "1") != "0" and "xla_backend_optimization_level" not in \
+    os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+                             " --xla_llvm_disable_expensive_passes=true").strip()
+
+import jax  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

@@ -7,6 +7,8 @@ import pytest
 
 from tests.experiment_helpers import FASHION_MNIST, run_experiment
 
+pytestmark = pytest.mark.slow   # trains five smoke stages through the CLI
+
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_and_ood_smoke(tmp_path):

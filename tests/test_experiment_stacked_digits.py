@@ -1,7 +1,11 @@
 """experiments/stacked_digits.py end to end at its smoke size:
 one command, through the stage loops and the metrics, writing its JSON with the keys experiments/RESULTS.md reports."""
 
+import pytest
+
 from tests.experiment_helpers import run_experiment
+
+pytestmark = pytest.mark.slow   # trains two smoke stages through the CLI
 
 
 def test_stacked_digits_smoke(tmp_path):

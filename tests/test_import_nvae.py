@@ -16,6 +16,8 @@ from tests.helpers import golden, nchw_to_nhwc
 from vaebm_jax import checkpoint, import_nvae, torch_pickle, train_vae
 from vaebm_jax.models import distributions, nvae
 
+pytestmark = pytest.mark.slow   # converts the reference checkpoint through the CLI
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = os.path.join(ROOT, "..", "shared", "reference", "nvae_small_checkpoint.pt")
 

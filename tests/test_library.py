@@ -8,10 +8,12 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from vaebm_jax import evaluate, load_vaebm, sample_fn, workdir
 
 
+@pytest.mark.slow
 def test_shipped_stacked_digits_model_samples_out_of_the_box(tmp_path):
   path = workdir.pretrained("stacked_digits")
   vae, ebm, params, settings = load_vaebm(path)
@@ -25,6 +27,7 @@ def test_shipped_stacked_digits_model_samples_out_of_the_box(tmp_path):
   assert np.load(os.path.join(out, "samples.npz"))["uint8"].shape == (4, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_import_and_draw_need_neither_tensorflow_nor_clu(tmp_path):
   script = tmp_path / "draw.py"
   script.write_text(f"""

@@ -26,7 +26,8 @@ def _config(name, arg=""):
   return importlib.import_module(f"configs.{name}").get_config(arg)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith(("celeba", "lsun")) else n
+                                  for n in sorted(CONFIGS)])
 def test_tower_shapes_for_each_config(name):
   config = _config(name)
   model = nvae.NVAE(**config.model.to_dict())
@@ -87,7 +88,7 @@ def test_importer_names_the_missing_group_of_a_stacked_scale(reference):
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-@pytest.mark.parametrize("conv_impl", ["xla", "fast_cpu"])
+@pytest.mark.parametrize("conv_impl", [pytest.param("xla", marks=pytest.mark.slow), "fast_cpu"])
 def test_elbo_path_matches_official_implementation(reference, mode, conv_impl):
   d, model, variables = reference
   model = model.clone(conv_impl=conv_impl)
@@ -105,7 +106,7 @@ def test_elbo_path_matches_official_implementation(reference, mode, conv_impl):
   np.testing.assert_allclose(recon, ref("recon_log_prob"), rtol=1e-5)
 
 
-@pytest.mark.parametrize("conv_impl", ["xla", "fast_cpu"])
+@pytest.mark.parametrize("conv_impl", [pytest.param("xla", marks=pytest.mark.slow), "fast_cpu"])
 def test_sampling_path_matches_official_implementation(reference, conv_impl):
   d, model, variables = reference
   model = model.clone(conv_impl=conv_impl)
@@ -130,6 +131,7 @@ def test_analytic_kl_matches_monte_carlo():
   np.testing.assert_allclose(q.kl(p), mc, atol=0.02)
 
 
+@pytest.mark.slow
 def test_decode_from_eps_equals_prior_sampling_for_same_noise():
   model = tiny_nvae()
   variables = jax.jit(model.init, static_argnums=2)({"params": jax.random.key(0), "sample": jax.random.key(1)},
@@ -146,6 +148,7 @@ def test_decode_from_eps_equals_prior_sampling_for_same_noise():
   np.testing.assert_allclose(out["z"][0], 1.01 * eps_z[0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_unscanned_groups_compute_the_same_model():
   """scan_groups=False (stage 2's straight-line decoder) on unstacked variables = the scanned NVAE."""
   model = tiny_nvae(num_groups_per_scale=3)
@@ -171,6 +174,7 @@ def test_unscanned_groups_compute_the_same_model():
     np.testing.assert_allclose(ga, gb, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_rematerialised_cells_give_same_gradients():
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1))
   grads = []
@@ -208,6 +212,7 @@ def test_decode_from_eps_refuses_decoders_without_eps_path():
     nvae.decode_from_eps(model, {}, [], jnp.zeros((1, 16, 16, 1)))
 
 
+@pytest.mark.slow
 def test_temperature_scales_every_prior_sigma_and_readjusted_bn_tracks_samples():
   model = tiny_nvae()
   variables = jax.jit(model.init, static_argnums=2)({"params": jax.random.key(0), "sample": jax.random.key(1)},

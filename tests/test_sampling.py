@@ -18,9 +18,9 @@ from vaebm_jax.models.energy import EnergyNet
 def tiny():
   vae = tiny_nvae()
   x = jax.random.uniform(jax.random.key(0), (8, 16, 16, 1))
-  vv = vae.init({"params": jax.random.key(1), "sample": jax.random.key(2)}, x, True)
+  vv = jax.jit(vae.init, static_argnums=2)({"params": jax.random.key(1), "sample": jax.random.key(2)}, x, True)
   ebm = EnergyNet("mnist", 4)
-  ev = ebm.init(jax.random.key(3), x)
+  ev = jax.jit(ebm.init)(jax.random.key(3), x)      # eager init of a Linen module runs op by op: slow
   params = {"vae": {"params": vv["params"], "batch_stats": vv["batch_stats"]}, "ebm": {"params": ev["params"]}}
   return vae, ebm, params
 
@@ -36,11 +36,12 @@ def test_langevin_chain_recovers_gaussian_moments():
   assert energies.shape == (3000, 4000) and jnp.mean(energies[-1]) < jnp.mean(energies[0]) + 1.0
 
 
-@pytest.mark.parametrize("potential", sampling.POTENTIALS)
+@pytest.mark.parametrize("potential", ["code", pytest.param("paper", marks=pytest.mark.slow)])
 def test_potential_gradient_matches_finite_differences(tiny, potential):
   vae, ebm, params = tiny
   eps_z, eps_x = sampling.initial_noise(jax.random.key(5), vae, 3)
-  u = lambda e: jnp.sum(sampling.potential_fn(e[0], e[1], params, vae=vae, ebm=ebm, potential=potential)[0])
+  u = jax.jit(lambda e: jnp.sum(sampling.potential_fn(e[0], e[1], params, vae=vae, ebm=ebm,
+                                                      potential=potential)[0]))
   eps = (eps_z, eps_x)
   grad = jax.grad(u)(eps)
   leaves, treedef = jax.tree.flatten(eps)
@@ -52,6 +53,7 @@ def test_potential_gradient_matches_finite_differences(tiny, potential):
   np.testing.assert_allclose(numeric, analytic, rtol=2e-2)
 
 
+@pytest.mark.slow
 def test_paper_potential_with_zero_energy_leaves_standard_normal_invariant(tiny):
   vae, ebm, params = tiny
   zero_ebm = jax.tree.map(jnp.zeros_like, params["ebm"])
@@ -69,60 +71,51 @@ def test_paper_potential_with_zero_energy_leaves_standard_normal_invariant(tiny)
   assert np.corrcoef(start, values)[0, 1] < 0.5
 
 
-def test_sample_fn_is_deterministic_and_the_same_on_one_and_four_devices(tiny):
-  vae, ebm, params = tiny
-  kw = dict(vae=vae, ebm=ebm, num_samples=8, num_steps=3, step_size=1e-3)
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()[:4]):
-    draw = jax.jit(functools.partial(sampling.sample_fn, mesh=parallel.create_mesh(devices), return_energies=True,
-                                     **kw))
-    images, extras = draw(jax.random.key(7), params)
-    results.append(np.asarray(images))
-    again, _ = draw(jax.random.key(7), params)
-    np.testing.assert_array_equal(np.asarray(again), results[-1])
-  np.testing.assert_allclose(results[0], results[1], atol=1e-5)
-  assert results[0].shape == (8, 16, 16, 1) and results[0].min() >= 0.0 and results[0].max() <= 1.0
-  other = jax.jit(functools.partial(sampling.sample_fn, **kw))(jax.random.key(8), params)
-  assert not np.allclose(np.asarray(other), results[0])
-
-
-def test_sample_fn_pads_a_count_that_does_not_divide_the_devices(tiny):
+def test_sample_fn_is_deterministic_and_the_same_on_one_and_four_devices_for_any_count(tiny):
+  """6 chains on 4 devices: padded to 8, split 2 per device, the padding dropped; the same samples and
+  energies as on one device."""
   vae, ebm, params = tiny
   kw = dict(vae=vae, ebm=ebm, num_samples=6, num_steps=2, step_size=1e-3, return_energies=True)
-  one = jax.jit(functools.partial(sampling.sample_fn, mesh=parallel.create_mesh(jax.devices()[:1]), **kw))
-  four = jax.jit(functools.partial(sampling.sample_fn, mesh=parallel.create_mesh(jax.devices()[:4]), **kw))
-  (a, ea), (b, eb) = one(jax.random.key(3), params), four(jax.random.key(3), params)
-  assert a.shape == b.shape == (6, 16, 16, 1) and ea["energies"].shape == (2, 6)
-  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(ea["energies"]), np.asarray(eb["energies"]), rtol=1e-5)
-  # the 8 padded chains really are split over the 4 devices (2 each), not run on one
-  hlo = four.lower(jax.random.key(3), params).compile().as_text()
-  assert "(2,16,16,1)" in hlo.replace(" ", "") or "f32[2,16,16,1]" in hlo
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:4]):
+    draw = jax.jit(functools.partial(sampling.sample_fn, mesh=parallel.create_mesh(devices), **kw))
+    images, extras = draw(jax.random.key(7), params)
+    results.append((np.asarray(images), np.asarray(extras["energies"])))
+    again, _ = draw(jax.random.key(7), params)
+    np.testing.assert_array_equal(np.asarray(again), results[-1][0])
+  np.testing.assert_allclose(results[0][0], results[1][0], atol=1e-5)
+  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
+  assert results[0][0].shape == (6, 16, 16, 1) and results[0][0].min() >= 0.0 and results[0][0].max() <= 1.0
+  assert results[0][1].shape == (2, 6)
+  # the padded chains really are split over the 4 devices (2 each), not run on one
+  hlo = draw.lower(jax.random.key(7), params).compile().as_text()
+  assert "f32[2,16,16,1]" in hlo
+  other, _ = draw(jax.random.key(8), params)
+  assert not np.allclose(np.asarray(other), results[1][0])
 
 
+@pytest.mark.slow
 def test_sample_fn_continues_chains_from_init_and_reports_every_step(tiny):
   vae, ebm, params = tiny
-  kw = dict(vae=vae, ebm=ebm, num_samples=4, step_size=1e-3)
-  images, extras = jax.jit(functools.partial(sampling.sample_fn, num_steps=3, return_eps=True, return_energies=True,
-                                             **kw))(jax.random.key(0), params)
+  kw = dict(vae=vae, ebm=ebm, num_samples=4, num_steps=3, step_size=1e-3, return_eps=True, return_energies=True)
+  draw = jax.jit(functools.partial(sampling.sample_fn, **kw))
+  images, extras = draw(jax.random.key(0), params)
   init = (extras["eps_z"], extras["eps_x"])
-  # zero further steps from the returned state reproduce the same images; U per sample and step
-  again, more = jax.jit(functools.partial(sampling.sample_fn, num_steps=0, return_energies=True, **kw))(
-      jax.random.key(1), params, init=init)
-  np.testing.assert_array_equal(np.asarray(again), np.asarray(images))
-  assert more["energies"].shape == (0, 4)
+  potential = jax.jit(lambda e: sampling.potential_fn(e[0], e[1], params, vae=vae, ebm=ebm))
+  decode = jax.jit(lambda e: vae.decode_from_eps(params["vae"], e[0], e[1])["mean"])
+  # the returned state is the one the images were decoded from
+  np.testing.assert_allclose(np.clip(np.asarray(decode(init)), 0, 1), np.asarray(images), atol=1e-6)
+  # U and E of every sample at the start of every step
   assert extras["energies"].shape == extras["ebm_energies"].shape == (3, 4)
-  eps0 = sampling.initial_noise(jax.random.split(jax.random.key(0))[0], vae, 4)
-  u0, e0 = sampling.potential_fn(eps0[0], eps0[1], params, vae=vae, ebm=ebm)
+  u0, e0 = potential(sampling.initial_noise(jax.random.split(jax.random.key(0))[0], vae, 4))
   np.testing.assert_allclose(np.asarray(extras["energies"][0]), np.asarray(u0), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(extras["ebm_energies"][0]), np.asarray(e0), rtol=1e-5, atol=1e-5)
-  # continuing moves on from where the chains stopped, not from fresh noise
-  cont, ce = jax.jit(functools.partial(sampling.sample_fn, num_steps=1, return_energies=True, **kw))(
-      jax.random.key(1), params, init=init)
-  u_final = sampling.potential_fn(init[0], init[1], params, vae=vae, ebm=ebm)[0]
-  np.testing.assert_allclose(np.asarray(ce["energies"][0]), np.asarray(u_final), rtol=1e-5)
+  # continuing starts from where the chains stopped, not from fresh noise
+  _, more = draw(jax.random.key(1), params, init=init)
+  np.testing.assert_allclose(np.asarray(more["energies"][0]), np.asarray(potential(init)[0]), rtol=1e-5)
+  assert not np.allclose(np.asarray(more["energies"][0]), np.asarray(extras["energies"][0]))
   with pytest.raises(ValueError, match="init does not fit num_samples=4"):
-    sampling.sample_fn(jax.random.key(1), params, num_steps=1, init=(init[0], init[1][:2]), **kw)
+    draw(jax.random.key(1), params, init=(init[0], init[1][:2]))
 
 
 def test_sample_fn_pins_float32_matmul_precision(tiny):
@@ -181,14 +174,14 @@ def test_energy_and_potential_match_official_implementation():
             "ebm": torch_import.convert_state_dict({k[4:]: d[k] for k in d.files if k.startswith("ebm/")})}
   ebm = EnergyNet("cifar10", int(d["meta/ebm_channels"]), data_init=False)
   x = nchw_to_nhwc(d["in/x_data"])
-  torch_import.check_against(params["ebm"], ebm.init(jax.random.key(0), x))
-  np.testing.assert_allclose(ebm.apply(params["ebm"], x), d["out/energy_data"], rtol=1e-4, atol=1e-5)
+  torch_import.check_against(params["ebm"], jax.eval_shape(ebm.init, jax.random.key(0), x))
+  np.testing.assert_allclose(jax.jit(ebm.apply)(params["ebm"], x), d["out/energy_data"], rtol=1e-4, atol=1e-5)
   eps_z = [nchw_to_nhwc(d[f"in/eps_z/{i}"]) for i in range(vae.num_groups)]
   eps_x = nchw_to_nhwc(d["in/eps_x"])
-  u, energy = sampling.potential_fn(eps_z, eps_x, params, vae=vae, ebm=ebm)
+  u, energy = jax.jit(lambda e: sampling.potential_fn(e[0], e[1], params, vae=vae, ebm=ebm))((eps_z, eps_x))
   np.testing.assert_allclose(energy, d["out/energy"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(u, d["out/U"], rtol=1e-5)
-  grads = jax.grad(lambda e: jnp.sum(sampling.potential_fn(e[0], e[1], params, vae=vae, ebm=ebm)[0]))(
+  grads = jax.jit(jax.grad(lambda e: jnp.sum(sampling.potential_fn(e[0], e[1], params, vae=vae, ebm=ebm)[0])))(
       (eps_z, eps_x))
   for i in range(vae.num_groups):
     np.testing.assert_allclose(grads[0][i], nchw_to_nhwc(d[f"out/dU_deps_z/{i}"]), rtol=1e-4, atol=1e-5)

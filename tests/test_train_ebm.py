@@ -11,6 +11,8 @@ import pytest
 from configs import digits_ebm, digits_vae
 from vaebm_jax import checkpoint, evaluate, load_vaebm, sample_fn, train_ebm, train_vae, workdir
 
+pytestmark = pytest.mark.slow   # stage-1 + stage-2 smoke runs
+
 
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):

@@ -11,6 +11,8 @@ import pytest
 from configs import digits_vae
 from vaebm_jax import checkpoint, data, objectives, parallel, train_vae
 
+pytestmark = pytest.mark.slow   # compiles and runs the stage-1 step and loop
+
 
 def small_config(steps=4):
   config = digits_vae.get_config("smoke")
@@ -25,8 +27,8 @@ def make_step(config, mesh, total_steps):
   tx, schedule = train_vae.create_optimizer(config, steps_per_epoch=10, epochs=max(total_steps // 10, 1))
   alpha = objectives.kl_balancer_coefficients(model.groups)
   repl, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  state = train_vae.create_train_state(model, tx, jax.random.key(0), (16, 16, 1))
-  state = jax.device_put(state, repl)
+  state = jax.jit(functools.partial(train_vae.create_train_state, model, tx, image_shape=(16, 16, 1)),
+                  out_shardings=repl)(jax.random.key(0))
   step = jax.jit(functools.partial(train_vae.train_step, model=model, tx=tx, schedule=schedule,
                                    settings=train_vae.StepSettings.of(config), total_steps=total_steps, alpha=alpha),
                  in_shardings=(repl, sharded, repl), out_shardings=(repl, repl))
@@ -38,10 +40,16 @@ def digits_batch(n=8):
   return ds.batches[0]
 
 
-def test_training_drives_nelbo_down_on_a_small_batch():
-  config = small_config()
+@pytest.fixture(scope="module")
+def step_on_all_devices():
+  """One compiled step on all 4 devices, shared by the tests below (compiling is most of their time)."""
   mesh = parallel.create_mesh()
-  state, step = make_step(config, mesh, total_steps=300)
+  state, step = make_step(small_config(), mesh, total_steps=300)
+  return mesh, state, step
+
+
+def test_training_drives_nelbo_down_on_a_small_batch(step_on_all_devices):
+  mesh, state, step = step_on_all_devices
   batch = parallel.shard_batch(digits_batch(), mesh)
   nelbos = []
   for _ in range(300):
@@ -51,13 +59,15 @@ def test_training_drives_nelbo_down_on_a_small_batch():
   assert np.mean(nelbos[-10:]) < 0.6 * np.mean(nelbos[:10]), (nelbos[:10], nelbos[-10:])
 
 
-def test_step_on_four_devices_equals_step_on_one():
-  config = small_config()
+def test_step_on_four_devices_equals_step_on_one(step_on_all_devices):
   batch = digits_batch()
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:4]):
-    mesh = parallel.create_mesh(devices)
-    state, step = make_step(config, mesh, total_steps=100)
+    if len(devices) == 4:
+      mesh, state, step = step_on_all_devices
+    else:
+      mesh = parallel.create_mesh(devices)
+      state, step = make_step(small_config(), mesh, total_steps=300)
     for _ in range(2):
       state, metrics = step(state, parallel.shard_batch(batch, mesh), jax.random.key(1))
     results.append((jax.device_get(state.params), jax.device_get(state.batch_stats), float(metrics["loss"])))
@@ -67,10 +77,8 @@ def test_step_on_four_devices_equals_step_on_one():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_non_finite_loss_skips_the_update():
-  config = small_config()
-  mesh = parallel.create_mesh()
-  state, step = make_step(config, mesh, total_steps=100)
+def test_non_finite_loss_skips_the_update(step_on_all_devices):
+  mesh, state, step = step_on_all_devices
   before = jax.device_get(state)
   bad = digits_batch().copy()
   bad[0, 0, 0, 0] = np.nan

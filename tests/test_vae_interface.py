@@ -32,7 +32,7 @@ class QuadraticEnergy(nn.Module):
 def mlp():
   vae = MLPVAE(data_dim=2, latent_dim=2, hidden=32, num_layers=2)
   x = jax.random.normal(jax.random.key(0), (16, 2))
-  vv = vae.init({"params": jax.random.key(1), "sample": jax.random.key(2)}, x, True)
+  vv = jax.jit(vae.init, static_argnums=2)({"params": jax.random.key(1), "sample": jax.random.key(2)}, x, True)
   return vae, {"params": vv["params"]}
 
 
@@ -47,11 +47,11 @@ def test_nvae_and_mlp_vae_implement_the_interface(mlp):
 def test_nvae_method_is_the_decode_of_the_reference_map():
   vae = tiny_nvae()
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1))
-  v = vae.init({"params": jax.random.key(1), "sample": jax.random.key(2)}, x, True)
+  v = jax.jit(vae.init, static_argnums=2)({"params": jax.random.key(1), "sample": jax.random.key(2)}, x, True)
   v = {"params": v["params"], "batch_stats": v["batch_stats"]}
   eps_z, eps_x = sampling.initial_noise(jax.random.key(3), vae, 2)
-  a = vae.decode_from_eps(v, eps_z, eps_x)
-  b = nvae.decode_from_eps(vae, v, eps_z, eps_x)
+  a = jax.jit(vae.decode_from_eps)(v, eps_z, eps_x)
+  b = jax.jit(lambda v, z, x: nvae.decode_from_eps(vae, v, z, x))(v, eps_z, eps_x)
   for k in interface.DECODE_KEYS:
     np.testing.assert_array_equal(a[k], b[k])
 
@@ -81,14 +81,15 @@ def test_pixel_space_chain_recovers_the_energy_gaussian(mlp):
     np.testing.assert_allclose(np.std(x, 0), [0.3, 0.6], rtol=0.05)
 
 
+@pytest.mark.slow
 def test_pixel_init_starts_at_vae_samples_or_uniform_noise():
   vae = tiny_nvae()
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1))
-  v = vae.init({"params": jax.random.key(1), "sample": jax.random.key(2)}, x, True)
+  v = jax.jit(vae.init, static_argnums=2)({"params": jax.random.key(1), "sample": jax.random.key(2)}, x, True)
   params = {"vae": {"params": v["params"], "batch_stats": v["batch_stats"]}}
   key = jax.random.key(3)
-  mean = sampling.initial_pixels(key, params, vae=vae, num_samples=4, init="vae_mean")
-  expected = jnp.clip(sampling.vae_samples(key, params["vae"], vae=vae, num_samples=4), 0, 1)
+  mean = jax.jit(lambda p: sampling.initial_pixels(key, p, vae=vae, num_samples=4, init="vae_mean"))(params)
+  expected = jnp.clip(jax.jit(lambda v: sampling.vae_samples(key, v, vae=vae, num_samples=4))(params["vae"]), 0, 1)
   np.testing.assert_allclose(mean, expected, atol=1e-6)
   noise = sampling.initial_pixels(key, params, vae=vae, num_samples=4, init="noise")
   assert noise.shape == (4, 16, 16, 1) and 0.3 < float(jnp.mean(noise)) < 0.7
@@ -96,6 +97,7 @@ def test_pixel_init_starts_at_vae_samples_or_uniform_noise():
     sampling.initial_pixels(key, params, vae=vae, num_samples=4, init="zeros")
 
 
+@pytest.mark.slow
 def test_importance_weighted_likelihood_matches_quadrature_and_bounds_the_elbo(mlp):
   vae, vv = mlp
   x = np.asarray(synthetic.gaussians25("test")[:64]) / 4.0
@@ -112,14 +114,15 @@ def test_importance_weighted_likelihood_matches_quadrature_and_bounds_the_elbo(m
   np.testing.assert_allclose(mass, 1.0, atol=0.02)                  # a normalised density
 
 
+@pytest.mark.slow
 def test_nvae_likelihood_uses_its_unfloored_density():
   vae = tiny_nvae(num_nf=0)
   x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 1))
-  v = vae.init({"params": jax.random.key(1), "sample": jax.random.key(2)}, x, True)
+  v = jax.jit(vae.init, static_argnums=2)({"params": jax.random.key(1), "sample": jax.random.key(2)}, x, True)
   v = {"params": v["params"], "batch_stats": v["batch_stats"]}
   key = jax.random.key(5)
-  log_w = vae.log_importance_weight(v, x, key)
-  out = vae.apply(v, x, False, rngs={"sample": key})
+  log_w = jax.jit(vae.log_importance_weight)(v, x, key)
+  out = jax.jit(lambda v, x: vae.apply(v, x, False, rngs={"sample": key}))(v, x)
   recon = jnp.sum(vae.decoder_distribution(out.logits).log_prob(x), axis=(1, 2, 3))
   np.testing.assert_allclose(log_w, recon + out.log_p - out.log_q, rtol=1e-6)
   scores = likelihood.evaluate_log_likelihood(key, v, np.asarray(x), vae=vae, num_samples=4, batch_size=3, chunk=2,

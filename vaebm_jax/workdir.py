@@ -268,6 +268,6 @@ def export_for_sampling(workdir: str, out: str, step: Optional[int] = None) -> s
   return os.path.join(out, "ebm")
 
 
-__all__ = ["STAGE1_RECORD", "VAE_MODELS", "WorkdirError", "architecture_fingerprint", "create_ebm", "create_vae",
-           "export_for_sampling", "load_stage1_of", "load_vae", "load_vaebm", "pretrained", "read_config", "read_stage1_record", "sampling_settings",
-           "stage1_record", "write_stage1_record"]
+__all__ = ["PRETRAINED", "STAGE1_RECORD", "VAE_MODELS", "WorkdirError", "architecture_fingerprint", "create_ebm",
+           "create_vae", "export_for_sampling", "load_stage1_of", "load_vae", "load_vaebm", "pretrained",
+           "read_config", "read_stage1_record", "sampling_settings", "stage1_record", "write_stage1_record"]
