@@ -195,6 +195,10 @@ def load_stage1_of(workdir: str, config: ml_collections.ConfigDict):
     vae, variables, vae_config, step = load_vae(config.vae_workdir, None, scan)
     return vae, variables, vae_config, stage1_record(config.vae_workdir, step, vae_config)
   path = record["path"]
+  if config.get("vae_workdir") and os.path.isdir(path) and os.path.isdir(config.vae_workdir) and \
+      os.path.realpath(config.vae_workdir) != os.path.realpath(path):
+    logging.warning("%s was trained on the NVAE in %s (step %d); using it, not config.vae_workdir=%s",
+                    workdir, path, record["step"], config.vae_workdir)
   if not os.path.isdir(path) and config.get("vae_workdir") and os.path.isdir(config.vae_workdir):
     path = config.vae_workdir    # the stage-1 workdir moved together with this one
   if not os.path.isdir(path):
@@ -257,6 +261,8 @@ def export_for_sampling(workdir: str, out: str, step: Optional[int] = None) -> s
   _, _, vae_config, record = load_stage1_of(workdir, config)
   _, raw_vae, _, _ = load_vae(record["path"], record["step"])        # as saved (not unstacked)
   raw_vae = {k: v for k, v in raw_vae.items() if v}                   # the MLP VAE has no BN statistics
+  config = config.copy_and_resolve_references()
+  config.vae_workdir = None                                           # the record below says where the VAE is
   for sub, variables, cfg, at in (("vae", raw_vae, vae_config, record["step"]), ("ebm", params["ebm"], config, step)):
     path = os.path.join(out, sub)
     if os.path.isdir(os.path.join(path, "checkpoints")) and os.listdir(os.path.join(path, "checkpoints")):
