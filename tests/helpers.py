@@ -40,3 +40,20 @@ def golden_nvae(d) -> NVAE:
 
 def nchw_to_nhwc(a):
   return np.asarray(a).transpose(0, 2, 3, 1)
+
+
+def assert_elbo_matches_golden(d, mode: str, out, x) -> None:
+  """An NVAE ElboOutput against the official implementation's `elbo_<mode>/out/*` (logits, log q,
+  log p, per-group KL, and the floored Gaussian log-density of x)."""
+  import jax.numpy as jnp
+
+  from vaebm_jax.models import distributions
+  ref = lambda name: d[f"elbo_{mode}/out/{name}"]
+  np.testing.assert_allclose(out.logits, nchw_to_nhwc(ref("logits")), rtol=1e-4, atol=2e-5)
+  np.testing.assert_allclose(out.log_q, ref("log_q"), rtol=1e-5)
+  np.testing.assert_allclose(out.log_p, ref("log_p"), rtol=1e-5)
+  for i in range(len(out.kl_all)):
+    np.testing.assert_allclose(out.kl_all[i], ref(f"kl_all/{i}"), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out.kl_diag[i], ref(f"kl_diag/{i}"), rtol=1e-5, atol=1e-4)
+  recon = jnp.sum(distributions.NormalDecoder(out.logits).floored_log_prob(x), axis=(1, 2, 3))
+  np.testing.assert_allclose(recon, ref("recon_log_prob"), rtol=1e-5)

@@ -10,6 +10,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from vaebm_jax import parallel
+
 
 class Checkpointer:
   """Saves `{'state': pytree, 'config': json}` per step under `<workdir>/checkpoints`."""
@@ -36,9 +38,7 @@ class Checkpointer:
     written on one device topology loads on another.
     """
     step = self.latest_step() if step is None else step
-    replicated = jax.sharding.NamedSharding(
-        jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)),
-        jax.sharding.PartitionSpec())
+    replicated = parallel.replicated(parallel.create_mesh())
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or replicated), target)
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
@@ -47,9 +47,7 @@ class Checkpointer:
   def restore_items(self, step: int, target: dict) -> dict:
     """Restores only the top-level items of the saved state named in `target` (e.g. 'params',
     'batch_stats'), replicated over this process's devices; the rest (optimiser, buffer) is not read."""
-    replicated = jax.sharding.NamedSharding(
-        jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)),
-        jax.sharding.PartitionSpec())
+    replicated = parallel.replicated(parallel.create_mesh())
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), target)
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vaebm_jax import parallel
 from vaebm_jax.models.interface import ReparameterizedVAE, check_vae
 
 POTENTIALS = ("code", "paper")
@@ -129,7 +130,7 @@ def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
 
 
 def default_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  return parallel.create_mesh()
 
 
 def latent_noise(key: jax.Array, vae: ReparameterizedVAE, num_samples: int) -> list[jax.Array]:
