@@ -103,9 +103,9 @@ def _cell_class(remat: bool):
   return nn.remat(Cell, static_argnums=(2,)) if remat else Cell
 
 
-def _scanned(module_cls, length: int, in_axes):
+def _scanned(module_cls, length: int, in_axes, methods=None):
   return nn.scan(module_cls, variable_axes=_SCANNED_COLLECTIONS, split_rngs={"params": True, "sample": True},
-                 in_axes=in_axes, length=length)
+                 in_axes=in_axes, length=length, methods=methods)
 
 
 _GROUP_STACK = re.compile(r"^(enc_groups|latent_groups)_\d+$")
@@ -156,9 +156,12 @@ class EncoderGroup(nn.Module):
 class LatentGroup(nn.Module):
   """One latent group below the top (§5.3), in decoder order.
 
-  Decoder cells, the prior head (`dec_sampler`), then either the posterior (mode 'elbo': encoder
-  combiner, residual posterior head, flows) or the prior sample (mode 'prior'), and the decoder
-  combiner that feeds z back into the decoder state.
+  Both paths run the decoder cells and the prior head (`dec_sampler`) on the decoder state, draw z,
+  and feed it back through the decoder combiner:
+  - `posterior(s, {"enc", "eps"?}, train)`: z from the residual posterior (encoder combiner,
+    `enc_sampler`, flows) → (state, per-group KL and log-densities); the ELBO path.
+  - `prior(s, {"eps", "temperature"}, train)`: z = μ_p + t·σ_p·ε → (state, {z, log p(z)}).
+  Per-group inputs travel in the dict so that `nn.scan` runs either method over a scale's groups.
   """
   features_enc: int
   features_dec: int
@@ -171,35 +174,45 @@ class LatentGroup(nn.Module):
   conv_impl: str = "auto"
   remat: bool = False
 
-  @nn.compact
-  def __call__(self, s: jax.Array, xs: dict, train: bool, mode: str, temperature):
+  def setup(self):
     impl, nz = self.conv_impl, self.num_latent
+    # setattr keeps the submodule names of the reference's layout (dec_cell_0, nf_0, ...).
     for c in range(self.num_cells):
-      s = _cell_class(self.remat)(self.features_dec, "normal_dec", self.arch, self.use_se, impl,
-                                  name=f"dec_cell_{c}")(s, train)
-    mu_p, log_sig_p = distributions.split_channels(
-        Conv2D(2 * nz, 1, use_bias=True, conv_impl=impl, name="dec_sampler")(nn.elu(s)))
-    if mode == "prior":
-      p = distributions.Normal.from_params(mu_p, log_sig_p, temperature)
-      z = p.sample_given_eps(xs["eps"])
-      out = {"z": z, "log_p": jnp.sum(p.log_p(z), axis=(1, 2, 3))}
+      setattr(self, f"dec_cell_{c}", _cell_class(self.remat)(self.features_dec, "normal_dec", self.arch,
+                                                                self.use_se, impl))
+    self.dec_sampler = Conv2D(2 * nz, 1, use_bias=True, conv_impl=impl)
+    self.enc_combiner = EncCombinerCell(self.features_enc, impl)
+    self.enc_sampler = Conv2D(2 * nz, 3, use_bias=True, conv_impl=impl)
+    for n in range(self.num_nf):
+      setattr(self, f"nf_{n}", PairedCellAR(nz, impl))
+    self.dec_combiner = DecCombinerCell(self.features_dec, impl)
+
+  def _prior_head(self, s: jax.Array, train: bool):
+    for c in range(self.num_cells):
+      s = getattr(self, f"dec_cell_{c}")(s, train)
+    mu_p, log_sig_p = distributions.split_channels(self.dec_sampler(nn.elu(s)))
+    return s, mu_p, log_sig_p
+
+  def posterior(self, s: jax.Array, xs: dict, train: bool):
+    s, mu_p, log_sig_p = self._prior_head(s, train)
+    mu_q, log_sig_q = distributions.split_channels(self.enc_sampler(self.enc_combiner(xs["enc"], s)))
+    if self.res_dist:
+      q = distributions.Normal.from_params(mu_p + mu_q, log_sig_p + log_sig_q)
     else:
-      ftr = EncCombinerCell(self.features_enc, impl, name="enc_combiner")(xs["enc"], s)
-      mu_q, log_sig_q = distributions.split_channels(
-          Conv2D(2 * nz, 3, use_bias=True, conv_impl=impl, name="enc_sampler")(ftr))
-      if self.res_dist:
-        q = distributions.Normal.from_params(mu_p + mu_q, log_sig_p + log_sig_q)
-      else:
-        q = distributions.Normal.from_params(mu_q, log_sig_q)
-      eps = xs["eps"] if "eps" in xs else jax.random.normal(self.make_rng("sample"), mu_q.shape)
-      z = q.sample_given_eps(eps)
-      log_q = q.log_p(z)
-      for n in range(self.num_nf):   # volume preserving: log det = 0
-        z = PairedCellAR(nz, impl, name=f"nf_{n}")(z)
-      p = distributions.Normal.from_params(mu_p, log_sig_p)
-      out = _group_terms(q, p, log_q, p.log_p(z), self.num_nf > 0)
-    s = DecCombinerCell(self.features_dec, impl, name="dec_combiner")(s, z)
-    return s, out
+      q = distributions.Normal.from_params(mu_q, log_sig_q)
+    eps = xs["eps"] if "eps" in xs else jax.random.normal(self.make_rng("sample"), mu_q.shape)
+    z = q.sample_given_eps(eps)
+    log_q = q.log_p(z)
+    for n in range(self.num_nf):   # volume preserving: log det = 0
+      z = getattr(self, f"nf_{n}")(z)
+    p = distributions.Normal.from_params(mu_p, log_sig_p)
+    return self.dec_combiner(s, z), _group_terms(q, p, log_q, p.log_p(z), self.num_nf > 0)
+
+  def prior(self, s: jax.Array, xs: dict, train: bool):
+    s, mu_p, log_sig_p = self._prior_head(s, train)
+    p = distributions.Normal.from_params(mu_p, log_sig_p, xs["temperature"])
+    z = p.sample_given_eps(xs["eps"])
+    return self.dec_combiner(s, z), {"z": z, "log_p": jnp.sum(p.log_p(z), axis=(1, 2, 3))}
 
 
 # Names of the decoder-path modules (the generative model p(x, z)) in the variable tree.
@@ -314,15 +327,15 @@ class NVAE(nn.Module):
           pre.append(cell(int(c_enc * mult), "normal_pre"))
     self.pre_process = pre
 
-    def groups(module_cls, scale, n, in_axes, *args):
+    def groups(module_cls, scale, n, in_axes, methods, *args):
       if self.scan_groups:
-        return {str(scale): _scanned(module_cls, n, in_axes)(*args)} if n > 0 else {}
+        return {str(scale): _scanned(module_cls, n, in_axes, methods)(*args)} if n > 0 else {}
       return {f"{scale}_{g}": module_cls(*args) for g in range(n)}
 
     enc_groups, down_enc = {}, []
     if not self.vanilla_vae:
       for s in range(scales):
-        enc_groups.update(groups(EncoderGroup, s, self.groups[s], (nn.broadcast,), int(c_enc * mult),
+        enc_groups.update(groups(EncoderGroup, s, self.groups[s], (nn.broadcast,), None, int(c_enc * mult),
                                  self.num_cell_per_cond_enc, arch["normal_enc"], self.use_se, impl, self.remat_cells))
         if s < scales - 1:
           down_enc.append(cell(int(CHANNEL_MULT * c_enc * mult), "down_enc"))
@@ -339,7 +352,7 @@ class NVAE(nn.Module):
     else:
       self.dec_combiner_top = DecCombinerCell(int(c_dec * mult), impl)
       for s, (_, n) in enumerate(self.scanned_groups()):
-        latent_groups.update(groups(LatentGroup, s, n, (0, nn.broadcast, nn.broadcast, nn.broadcast),
+        latent_groups.update(groups(LatentGroup, s, n, (0, nn.broadcast), ["posterior", "prior"],
                                     int(c_enc * mult), int(c_dec * mult), self.num_cell_per_cond_dec, nz,
                                     self.num_nf, arch["normal_dec"], self.res_dist, self.use_se, impl,
                                     self.remat_cells))
@@ -374,14 +387,15 @@ class NVAE(nn.Module):
       states.append(s)
     return s, states
 
-  def _run_latent_groups(self, scale: int, s: jax.Array, xs: list, *args):
-    """The scanned latent groups of decoder scale `scale` with per-group inputs xs → (state, outputs)."""
+  def _run_latent_groups(self, scale: int, method: str, s: jax.Array, xs: list, train: bool):
+    """`LatentGroup.<method>` over the groups of decoder scale `scale`, per-group inputs xs → (state, outputs)."""
     if self.scan_groups:
-      s, ys = self.latent_groups[str(scale)](s, jax.tree.map(lambda *a: jnp.stack(a), *xs), *args)
+      stacked = jax.tree.map(lambda *a: jnp.stack(a), *xs)
+      s, ys = getattr(self.latent_groups[str(scale)], method)(s, stacked, train)
       return s, [jax.tree.map(lambda a, g=g: a[g], ys) for g in range(len(xs))]
     outs = []
     for g, x in enumerate(xs):
-      s, out = self.latent_groups[f"{scale}_{g}"](s, x, *args)
+      s, out = getattr(self.latent_groups[f"{scale}_{g}"], method)(s, x, train)
       outs.append(out)
     return s, outs
 
@@ -438,7 +452,7 @@ class NVAE(nn.Module):
       enc = enc_states[scales - 1 - scale]
       enc = enc[:-1][::-1] if scale == 0 else enc[::-1]
       xs = [{"enc": e} if eps is None else {"enc": e, "eps": eps[start + g]} for g, e in enumerate(enc)]
-      s, outs = self._run_latent_groups(scale, s, xs, train, "elbo", 1.0)
+      s, outs = self._run_latent_groups(scale, "posterior", s, xs, train)
       terms.extend(outs)
       return s
 
@@ -460,8 +474,8 @@ class NVAE(nn.Module):
     def run_scale(scale, span, s):
       nonlocal log_p
       start, n = span
-      s, outs = self._run_latent_groups(scale, s, [{"eps": e} for e in eps_z[start:start + n]], train, "prior",
-                                        temperature)
+      xs = [{"eps": e, "temperature": temperature} for e in eps_z[start:start + n]]
+      s, outs = self._run_latent_groups(scale, "prior", s, xs, train)
       z_list.extend(out["z"] for out in outs)
       log_p = log_p + sum(out["log_p"] for out in outs)
       return s
