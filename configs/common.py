@@ -35,8 +35,9 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections
                           eval_every_steps=20, num_eval_batches=2, eval_batch_size=100)
     elif variant == "smoke":
       m = config.model
-      m.update(num_channels_enc=8, num_channels_dec=8, num_groups_per_scale=min(m.num_groups_per_scale, 2),
-               num_latent_scales=min(m.num_latent_scales, 2), num_latent_per_group=4,
+      scales = min(m.num_latent_scales, 2)   # a hierarchy of two groups at least, one per scale if it can
+      m.update(num_channels_enc=8, num_channels_dec=8, num_groups_per_scale=1 if scales > 1 else 2,
+               num_latent_scales=scales, num_latent_per_group=4,
                num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, num_preprocess_cells=1,
                num_postprocess_cells=1, num_nf=min(m.num_nf, 1))
       config.train.update(batch_size=16, num_train_steps=8, log_every_steps=4, image_every_steps=8,

@@ -183,9 +183,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
                         out_shardings=sharded)
   p_reconstruct = jax.jit(functools.partial(reconstruct, model=model), in_shardings=(repl, sharded, repl))
 
-  def sample(variables, key, temperature):
+  def sample(variables, key, temperature):   # temperature traced: one program for both grids
     return nvae.sample_images(model, variables, key, config.train.num_image_samples, temperature)
-  p_sample = jax.jit(sample, static_argnums=2)
+  p_sample = jax.jit(sample)
 
   def evaluate(state, step):
     nelbos = []
@@ -210,8 +210,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
     pairs = np.stack([x[:half], recon[:half]], axis=1).reshape((-1,) + x.shape[1:])
     loop.write_images(run.writer, workdir, step, {
         "reconstructions": pairs,
-        "samples_t1.0": p_sample(state.variables, jax.random.fold_in(eval_key, 1), 1.0),
-        "samples_t0.7": p_sample(state.variables, jax.random.fold_in(eval_key, 2), 0.7),
+        "samples_t1.0": p_sample(state.variables, jax.random.fold_in(eval_key, 1), jnp.float32(1.0)),
+        "samples_t0.7": p_sample(state.variables, jax.random.fold_in(eval_key, 2), jnp.float32(0.7)),
     })
 
   batches = train_ds.iterate(int(state.step))
