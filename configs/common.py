@@ -19,6 +19,21 @@ def eval_config() -> ml_collections.ConfigDict:
   return ev
 
 
+def guard_config(metrics: str, confirm_steps: int, keep_good: int) -> ml_collections.ConfigDict:
+  """The `guard` section of both stages (vaebm_jax.loop.run's divergence guard)."""
+  g = ml_collections.ConfigDict()
+  g.enabled = True
+  g.metrics = metrics                # per-step metrics checked against their own recent history
+  g.window = 500                     # steps of history
+  g.min_history = 100                # runaway checks start after this many steps (non-finite: always)
+  g.tolerance = 25.0                 # runaway: |x − median| > tolerance × max(1.4826·MAD, 1 % of |median|)
+  g.confirm_steps = confirm_steps    # healthy steps after a checkpoint before it counts as good
+  g.keep_good = keep_good            # good checkpoints kept apart from the rolling ones
+  g.lr_factor = 0.5                  # learning rate × this after each rollback
+  g.max_rollbacks = 3                # then stop, naming the last good checkpoint
+  return g
+
+
 def apply_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
   """Applies a comma-separated list of variants. `smoke`: a run of a few steps on a tiny model."""
   for variant in filter(None, (arg or "").split(",")):

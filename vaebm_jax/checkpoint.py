@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
@@ -16,10 +17,30 @@ from vaebm_jax import parallel
 class Checkpointer:
   """Saves `{'state': pytree, 'config': json}` per step under `<workdir>/checkpoints`."""
 
-  def __init__(self, workdir: str, max_to_keep: Optional[int] = 3, read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  def __init__(self, workdir: str, max_to_keep: Optional[int] = 3, read_only: bool = False,
+               subdir: str = "checkpoints"):
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, subdir)
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only))
+
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def delete(self, step: int) -> None:
+    self.manager.wait_until_finished()
+    self.manager.delete(step)
+
+  def quarantine(self, step: int) -> str:
+    """Moves an unreadable checkpoint out of the way (to `<workdir>/checkpoints_unreadable/<step>`, kept for
+    inspection, never deleted) so that the previous one becomes the latest."""
+    dest = os.path.join(self.workdir, "checkpoints_unreadable", str(step))
+    if os.path.exists(dest):
+      shutil.rmtree(dest)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.move(self.step_path(step), dest)
+    self.manager.reload()
+    return dest
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -57,11 +78,22 @@ class Checkpointer:
     """The latest checkpoint restored with `sharding`, or `jit(init_fn, out_shardings=sharding)(*args)`
     for a fresh run. `sharding` is one sharding for every leaf (states are replicated)."""
     shapes = jax.eval_shape(init_fn, *args)
-    if self.latest_step() is None:
-      return jax.jit(init_fn, out_shardings=jax.tree.map(lambda _: sharding, shapes))(*args)
-    state = self.restore(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes))
-    logging.info("Resumed from %s at step %d", self.directory, int(state.step))
-    return state
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    while (step := self.latest_step()) is not None:
+      try:
+        state = self.restore(target, step)
+      except Exception as e:   # noqa: BLE001 — a partial or corrupted write (kill -9, full disk, ...)
+        if jax.process_count() > 1:   # every process would move it: leave it to the user
+          raise RuntimeError(f"checkpoint {step} in {self.directory} is unreadable ({e}); move it out of "
+                             f"{self.directory} and rerun to resume from the one before") from e
+        moved = self.quarantine(step)
+        logging.warning("checkpoint %d in %s is unreadable (%s: %s); moved to %s, resuming from the one before",
+                        step, self.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
+                        moved)
+        continue
+      logging.info("Resumed from %s at step %d", self.directory, int(state.step))
+      return state
+    return jax.jit(init_fn, out_shardings=jax.tree.map(lambda _: sharding, shapes))(*args)
 
   def restore_config(self, step: Optional[int] = None) -> ml_collections.ConfigDict:
     step = self.latest_step() if step is None else step

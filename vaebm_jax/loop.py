@@ -7,8 +7,14 @@ and periodic actions, then hand them to `run`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
+import math
 import os
+import shutil
+import signal
+import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -94,36 +100,269 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> Run:
   return Run(workdir, config, mesh, writer, checkpoint.Checkpointer(workdir, config.train.keep_checkpoints))
 
 
-def run(state: Any, step_fn: Callable[[Any, jax.Array], tuple[Any, dict]], batches: Iterator[np.ndarray],
-        context: Run, *, total_steps: int, actions: Sequence[tuple[int, Callable[[Any, int], Any]]] = (),
-        name: str = "train") -> Any:
-  """Steps from `state.step` to `total_steps`: `state, metrics = step_fn(state, sharded batch)`, logs
-  aggregated metrics every `train.log_every_steps` (warning on skipped non-finite updates), runs each
-  `(every, action(state, step))` on its cadence, checkpoints every `train.checkpoint_every_steps`, and
-  always at the last step. Closes the checkpointer and flushes the writer."""
+class DivergenceError(RuntimeError):
+  """Training diverged more often than `guard.max_rollbacks` allows (or before any good checkpoint)."""
+
+
+class Preempted(Exception):
+  """SIGTERM / SIGINT (or a multi-host preemption notice) arrived; a checkpoint of `step` was written."""
+
+  def __init__(self, signal_name: str, step: int, directory: str):
+    super().__init__(f"{signal_name} at step {step}: checkpoint written to {directory}; rerun the same command "
+                     f"to continue")
+    self.signal_name, self.step = signal_name, step
+
+
+GUARD_RECORD = "guard.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardSettings:
+  """`config.guard`: which per-step metrics to watch and what to do when one runs away."""
+  enabled: bool
+  metrics: tuple[str, ...]
+  window: int              # steps of history a value is compared with
+  min_history: int         # no runaway check before this many steps of history (non-finite is always checked)
+  tolerance: float         # runaway: |x − median| > tolerance × max(1.4826·MAD, 0.01·|median|)
+  confirm_steps: int       # a checkpoint is "good" once this many later steps passed the checks
+  keep_good: int           # good checkpoints kept in <workdir>/checkpoints_good (rolling retention never touches them)
+  lr_factor: float         # learning-rate multiplier after each rollback
+  max_rollbacks: int
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict) -> "GuardSettings":
+    g = config.get("guard")
+    if g is None:
+      return cls(False, (), 1, 1, 1.0, 0, 1, 1.0, 0)
+    return cls(g.enabled, tuple(m.strip() for m in g.metrics.split(",") if m.strip()), g.window, g.min_history,
+               g.tolerance, g.confirm_steps, g.keep_good, g.lr_factor, g.max_rollbacks)
+
+
+class Guard:
+  """Checks each step's metrics against the recent history of the same metric."""
+
+  def __init__(self, settings: GuardSettings):
+    self.settings = settings
+    self.history = {m: collections.deque(maxlen=settings.window) for m in settings.metrics}
+
+  def check(self, step: int, metrics: dict[str, Any]) -> str | None:
+    """None if the step looks healthy, else what ran away (and the step's values join the history)."""
+    g = self.settings
+    for name in g.metrics:
+      if name not in metrics:
+        continue
+      value = float(np.asarray(metrics[name]).mean())
+      if not math.isfinite(value):
+        return f"step {step}: {name} = {value}"
+      h = self.history[name]
+      if len(h) >= g.min_history:
+        ref = np.asarray(h)
+        median = float(np.median(ref))
+        scale = max(1.4826 * float(np.median(np.abs(ref - median))), 0.01 * abs(median), 1e-12)
+        if abs(value - median) > g.tolerance * scale:
+          return (f"step {step}: {name} = {value:.6g}, {abs(value - median) / scale:.0f}× the usual spread from "
+                  f"its recent median {median:.6g}")
+    for name in g.metrics:
+      if name in metrics:
+        self.history[name].append(float(np.asarray(metrics[name]).mean()))
+    return None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  try:
+    os.link(src, dst)      # checkpoint files are immutable once committed: share them
+  except OSError:
+    shutil.copy2(src, dst)
+
+
+class _GoodCheckpoints:
+  """`<workdir>/checkpoints_good`: rolling checkpoints promoted once the guard confirmed them."""
+
+  def __init__(self, context: Run, settings: GuardSettings):
+    self.context, self.settings = context, settings
+    self.store = checkpoint.Checkpointer(context.workdir, max_to_keep=None, subdir="checkpoints_good")
+    self.pending: list[int] = []
+
+  def saved(self, step: int) -> None:
+    self.pending.append(step)
+
+  def confirm_through(self, step: int) -> None:
+    """Every pending checkpoint with `confirm_steps` healthy steps after it becomes good."""
+    ready = [s for s in self.pending if step - s >= self.settings.confirm_steps]
+    if not ready:
+      return
+    self.context.checkpointer.wait()
+    for s in ready:
+      src, dst = self.context.checkpointer.step_path(s), self.store.step_path(s)
+      if jax.process_index() == 0 and os.path.isdir(src) and not os.path.exists(dst):
+        tmp = os.path.join(self.context.workdir, f".good_tmp_{s}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, copy_function=_link_or_copy)
+        os.rename(tmp, dst)
+      self.pending.remove(s)
+    if jax.process_index() == 0:
+      for old in sorted(int(d) for d in os.listdir(self.store.directory) if d.isdigit())[:-self.settings.keep_good]:
+        shutil.rmtree(self.store.step_path(old))
+    parallel.sync("good_checkpoints")
+    self.store.manager.reload()
+
+  def latest(self) -> int | None:
+    self.store.manager.reload()
+    return self.store.latest_step()
+
+  def restore(self, state: Any, step: int) -> Any:
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    return self.store.restore(target, step)
+
+
+class _Signals:
+  """SIGTERM / SIGINT set a flag that the loop reads at the next step boundary; a second one interrupts."""
+  NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+
+  def __init__(self):
+    self.received, self.previous = None, {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.NAMES:
+        self.previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received is not None:        # the second signal: stop now
+      signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+      raise KeyboardInterrupt
+    self.received = signum
+    logging.warning("%s received: checkpointing at the end of this step, then exiting", self.NAMES[signum])
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+
+def _read_guard_record(workdir: str) -> dict[str, Any]:
+  path = os.path.join(workdir, GUARD_RECORD)
+  if not os.path.exists(path):
+    return {"rollbacks": 0, "lr_scale": 1.0, "events": []}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_guard_record(workdir: str, record: dict[str, Any]) -> None:
+  if jax.process_index() == 0:
+    tmp = os.path.join(workdir, GUARD_RECORD + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(record, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, GUARD_RECORD))
+
+
+def run(state: Any, make_step: Callable[[float], Callable[[Any, jax.Array], tuple[Any, dict]]],
+        batches_from: Callable[[int], Iterator[np.ndarray]], context: Run, *, total_steps: int,
+        actions: Sequence[tuple[int, Callable[[Any, int], Any]]] = (), name: str = "train") -> Any:
+  """Steps from `state.step` to `total_steps` and returns the final state.
+
+  - `make_step(lr_scale)` gives `step_fn(state, sharded batch) → (state, metrics)` with the configured
+    learning rate times `lr_scale`; `batches_from(step)` the data from `step` on (deterministic).
+  - Logs aggregated metrics every `train.log_every_steps` (warning on skipped non-finite updates), runs
+    each `(every, action(state, step))` on its cadence, checkpoints every `train.checkpoint_every_steps`
+    and at the last step.
+  - Divergence guard (`config.guard`): every step's watched metrics are checked (at log and checkpoint
+    steps) against their recent history; a checkpoint followed by `guard.confirm_steps` healthy steps is
+    copied to `<workdir>/checkpoints_good`. A non-finite or runaway value restores the latest good
+    checkpoint, drops the rolling checkpoints after it, multiplies the learning rate by
+    `guard.lr_factor` and continues; `guard.max_rollbacks` exceeded → `DivergenceError` naming the last
+    good checkpoint. Rollbacks and the learning-rate scale persist in `<workdir>/guard.json`.
+  - SIGTERM / SIGINT (or a multi-host preemption notice): checkpoint at the end of the current step, then
+    `Preempted`. A rerun of the same command continues exactly (same data order and random numbers).
+  """
   t = context.config.train
-  start_step = int(state.step)
+  settings = GuardSettings.of(context.config)
+  record = _read_guard_record(context.workdir)
+  guard = Guard(settings) if settings.enabled else None
+  good = _GoodCheckpoints(context, settings) if settings.enabled else None
+  step_fn = make_step(record["lr_scale"])
+  if record["lr_scale"] != 1.0:
+    logging.warning("%s: learning rate × %g after %d rollbacks (%s)", name, record["lr_scale"], record["rollbacks"],
+                    os.path.join(context.workdir, GUARD_RECORD))
+  step = int(state.step)
+  batches = batches_from(step)
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=context.writer)] \
       if jax.process_index() == 0 else []
-  logging.info("%s: steps %d → %d on %d devices", name, start_step, total_steps, context.mesh.size)
-  history = []
-  for step in range(start_step + 1, total_steps + 1):
-    with jax.profiler.StepTraceAnnotation(name, step_num=step):
-      state, metrics = step_fn(state, context.shard(next(batches)))
-    history.append(metrics)
-    for hook in hooks:
-      hook(step)
-    if due(step, t.log_every_steps, total_steps):
-      scalars = aggregate_metrics(history)
-      context.writer.write_scalars(step, scalars)
-      if scalars.get("train/skipped"):
-        logging.warning("step %d: %d updates skipped for a non-finite loss", step, scalars["train/skipped"])
-      history = []
-    for every, action in actions:
-      if due(step, every, total_steps):
-        action(state, step)
-    if due(step, t.checkpoint_every_steps, total_steps):
-      context.checkpointer.save(step, state, context.config)
+  logging.info("%s: steps %d → %d on %d devices", name, step, total_steps, context.mesh.size)
+  history, unchecked = [], []          # metrics since the last log step / the last guard check
+  with _Signals() as signals:
+    while step < total_steps:
+      step += 1
+      with jax.profiler.StepTraceAnnotation(name, step_num=step):
+        state, metrics = step_fn(state, context.shard(next(batches)))
+      history.append(metrics)
+      unchecked.append((step, metrics))
+      if len(unchecked) > 1:            # bound how far dispatch runs ahead (honest steps/s, bounded memory)
+        jax.block_until_ready(unchecked[-2][1])
+      for hook in hooks:
+        hook(step)
+      log_now, save_now = due(step, t.log_every_steps, total_steps), due(step, t.checkpoint_every_steps, total_steps)
+      if guard is not None and (log_now or save_now):
+        problem = next(filter(None, (guard.check(s, m) for s, m in jax.device_get(unchecked))), None)
+        unchecked = []
+        if problem is not None:
+          state, step = _rollback(state, problem, record, good, context, settings, name)
+          # The guard keeps its history: the steps up to the anomaly passed its checks.
+          step_fn, batches, history = make_step(record["lr_scale"]), batches_from(step), []
+          continue
+        good.confirm_through(step)
+      elif guard is None:
+        unchecked = []
+      if log_now:
+        scalars = aggregate_metrics(history)
+        context.writer.write_scalars(step, scalars)
+        if scalars.get("train/skipped"):
+          logging.warning("step %d: %d updates skipped for a non-finite loss", step, scalars["train/skipped"])
+        history = []
+      for every, action in actions:
+        if due(step, every, total_steps):
+          action(state, step)
+      if save_now:
+        context.checkpointer.save(step, state, context.config)
+        if good is not None:
+          good.saved(step)
+      preempted = signals.received is not None or (
+          jax.process_count() > 1 and context.checkpointer.manager.reached_preemption(step))
+      if preempted:
+        if not save_now:
+          context.checkpointer.save(step, state, context.config)
+        context.checkpointer.close()
+        context.writer.flush()
+        raise Preempted(_Signals.NAMES.get(signals.received, "preemption notice"), step,
+                        context.checkpointer.directory)
   context.checkpointer.close()
   context.writer.flush()
   return state
+
+
+def _rollback(state, problem: str, record: dict, good: _GoodCheckpoints, context: Run, settings: GuardSettings,
+              name: str):
+  """Restores the latest good checkpoint after `problem`; returns (state, step)."""
+  last_good = good.latest()
+  where = good.store.step_path(last_good) if last_good is not None else None
+  record["events"].append({"problem": problem, "restored": last_good})
+  if last_good is None:
+    _write_guard_record(context.workdir, record)
+    raise DivergenceError(f"{name} diverged ({problem}) before any checkpoint was confirmed good; lower "
+                          f"--config.optim.learning_rate or raise --config.guard.tolerance")
+  if record["rollbacks"] >= settings.max_rollbacks:
+    _write_guard_record(context.workdir, record)
+    raise DivergenceError(f"{name} diverged again ({problem}) after {record['rollbacks']} rollbacks "
+                          f"(guard.max_rollbacks); last good checkpoint: {where} (step {last_good})")
+  record["rollbacks"] += 1
+  record["lr_scale"] *= settings.lr_factor
+  restored = good.restore(state, last_good)
+  for s in context.checkpointer.all_steps():
+    if s > last_good:                    # the diverging trajectory's checkpoints
+      context.checkpointer.delete(s)
+  good.pending = [s for s in good.pending if s <= last_good]
+  _write_guard_record(context.workdir, record)
+  logging.warning("%s diverged (%s): restored the good checkpoint of step %d, learning rate × %g from now on "
+                  "(rollback %d of at most %d)", name, problem, last_good, record["lr_scale"], record["rollbacks"],
+                  settings.max_rollbacks)
+  return restored, last_good

@@ -94,10 +94,14 @@ def main(argv):
 
 def run():
   from vaebm_jax.data import DatasetUnavailableError
+  from vaebm_jax.loop import DivergenceError, Preempted
   from vaebm_jax.workdir import WorkdirError
   try:
     app.run(main)
-  except (DatasetUnavailableError, WorkdirError) as e:
+  except Preempted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(143 if e.signal_name == "SIGTERM" else 130)
+  except (DatasetUnavailableError, WorkdirError, DivergenceError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

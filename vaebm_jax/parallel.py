@@ -39,3 +39,10 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
 def shard_batch(local_batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
   """Assembles the global batch from this process's share, sharded along 'data'."""
   return jax.make_array_from_process_local_data(data_sharded(mesh), np.asarray(local_batch))
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -40,9 +40,10 @@ class EBMTrainState:
 # ---------------------------------------------------------------------------------------------- models
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def create_optimizer(config: ml_collections.ConfigDict, lr_scale: float = 1.0) -> optax.GradientTransformation:
+  """Adam with coupled L2 and the IGEBM clip; `lr_scale` is the divergence guard's."""
   o = config.optim
-  return optim.ebm_optimizer(o.learning_rate, o.weight_decay, o.b1, o.b2, clip=o.grad_clip)
+  return optim.ebm_optimizer(lr_scale * o.learning_rate, o.weight_decay, o.b1, o.b2, clip=o.grad_clip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,10 +203,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> EBMTr
   logging.info("EBM: %d parameters; NVAE from %s step %d",
                sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)), stage1["path"], stage1["step"])
 
-  p_train_step = jax.jit(
-      lambda state, batch, key, vv: train_step(state, batch, key, vae=vae, vae_variables=vv, ebm=ebm, tx=tx,
-                                               settings=StepSettings.of(config), mesh=mesh),
-      in_shardings=(state_sharding, sharded, repl, repl), out_shardings=(state_sharding, repl), donate_argnums=0)
+  def make_step(lr_scale):
+    tx = create_optimizer(config, lr_scale)
+    p_train_step = jax.jit(
+        lambda state, batch, key, vv: train_step(state, batch, key, vae=vae, vae_variables=vv, ebm=ebm, tx=tx,
+                                                 settings=StepSettings.of(config), mesh=mesh),
+        in_shardings=(state_sharding, sharded, repl, repl), out_shardings=(state_sharding, repl), donate_argnums=0)
+    return lambda state, batch: p_train_step(state, batch, train_key, vae_variables)
+
   num = config.train.num_image_samples
   p_sample = jax.jit(functools.partial(sampling.sample_fn, vae=vae, ebm=ebm, num_samples=num, mesh=mesh,
                                        **sampling_settings(config)))
@@ -219,9 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> EBMTr
     loop.write_images(run.writer, workdir, step, {"vae_samples": p_vae_sample(vae_variables, sample_key),
                                                   "vaebm_samples": p_sample(sample_key, params)})
 
-  batches = train_ds.iterate(int(state.step))
-  return loop.run(state, lambda state, batch: p_train_step(state, batch, train_key, vae_variables), batches, run,
-                  total_steps=config.train.num_train_steps, name="EBM",
+  return loop.run(state, make_step, train_ds.iterate, run, total_steps=config.train.num_train_steps, name="EBM",
                   actions=[(config.train.image_every_steps, write_images)])
 
 

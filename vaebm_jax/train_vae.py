@@ -45,8 +45,9 @@ def _quantize(model, x: jax.Array) -> jax.Array:
   return nvae.quantize(x, getattr(model, "num_x_bits", 8))
 
 
-def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, epochs: int):
-  schedule = optim.nvae_learning_rate(config.optim.learning_rate, config.optim.learning_rate_min,
+def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, epochs: int, lr_scale: float = 1.0):
+  """Adamax with NVAE's warm-up + cosine schedule; `lr_scale` (the divergence guard's) scales both ends."""
+  schedule = optim.nvae_learning_rate(lr_scale * config.optim.learning_rate, lr_scale * config.optim.learning_rate_min,
                                       steps_per_epoch, epochs, config.optim.warmup_epochs)
   tx = optim.nvae_optimizer(schedule, config.optim.weight_decay, eps=config.optim.adamax_eps)
   return tx, schedule
@@ -175,10 +176,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
   logging.info("NVAE: %d parameters, latent groups %s, %d steps per epoch", num_params, model.latent_shapes(),
                steps_per_epoch)
 
-  p_train_step = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, settings=StepSettings.of(config),
-                        total_steps=total_steps, alpha=alpha),
-      in_shardings=(state_sharding, sharded, repl), out_shardings=(state_sharding, repl), donate_argnums=0)
+  def make_step(lr_scale):
+    tx, schedule = create_optimizer(config, steps_per_epoch, epochs, lr_scale)
+    p_train_step = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule, settings=StepSettings.of(config),
+                          total_steps=total_steps, alpha=alpha),
+        in_shardings=(state_sharding, sharded, repl), out_shardings=(state_sharding, repl), donate_argnums=0)
+    return lambda state, batch: p_train_step(state, batch, train_key)
   p_eval_step = jax.jit(functools.partial(eval_step, model=model), in_shardings=(repl, sharded, repl),
                         out_shardings=sharded)
   p_reconstruct = jax.jit(functools.partial(reconstruct, model=model), in_shardings=(repl, sharded, repl))
@@ -214,8 +218,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
         "samples_t0.7": p_sample(state.variables, jax.random.fold_in(eval_key, 2), jnp.float32(0.7)),
     })
 
-  batches = train_ds.iterate(int(state.step))
-  return loop.run(state, lambda state, batch: p_train_step(state, batch, train_key), batches, run,
-                  total_steps=total_steps, name="NVAE",
+  return loop.run(state, make_step, train_ds.iterate, run, total_steps=total_steps, name="NVAE",
                   actions=[(config.train.eval_every_steps, evaluate), (config.train.image_every_steps, write_images)])
 
