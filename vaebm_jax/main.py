@@ -92,17 +92,67 @@ def main(argv):
     evaluate.evaluate(FLAGS.workdir, config.eval, config.eval.step, data_dir=config.data.data_dir)
 
 
+OUT_OF_MEMORY_HINT = ("lower --config.train.batch_size (or --config.sample.batch_size / --config.eval.batch_size "
+                      "when sampling or evaluating); stage 1 can also rematerialise its cells with "
+                      "--config.model.remat_cells=True; on CPU, fewer simulated devices "
+                      "(--config.cpu_devices=1) keep one copy of the model instead of several")
+
+
+def _config_error(argv: list[str], error: Exception) -> str:
+  """One line for a --config / --config.<field> flag that does not parse or names no field."""
+  if isinstance(error, flags.Error):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] + (f" {lines[-1]}" if len(lines) > 1 else "")
+  if isinstance(error, OSError):       # the config file does not load
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"cannot load the --config file: {lines[-1]}"
+  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+  if spec is not None:
+    import importlib.util
+    path, _, arg = spec.partition(":")
+    try:
+      module_spec = importlib.util.spec_from_file_location("_vaebm_config", path)
+      module = importlib.util.module_from_spec(module_spec)
+      module_spec.loader.exec_module(module)
+      config = module.get_config(arg) if arg else module.get_config()
+      for a in argv[1:]:
+        if a.startswith("--config.") and "=" in a:
+          field = a[len("--config."):].split("=", 1)[0]
+          node = config
+          for part in field.split("."):
+            if not hasattr(node, "keys") or part not in node:
+              known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a section)"
+              return f"--config.{field}: {path} has no field {part!r} there; known: {known}"
+            node = node[part]
+    except Exception:   # noqa: BLE001 — fall back to the parser's own message
+      pass
+  return f"bad --config flag ({type(error).__name__}: {error})"
+
+
 def run():
   from vaebm_jax.data import DatasetUnavailableError
   from vaebm_jax.loop import DivergenceError, Preempted
   from vaebm_jax.workdir import WorkdirError
+  app.define_help_flags()
+  try:   # parse up front so that a bad config flag is one line, not a traceback
+    remaining = FLAGS(sys.argv)
+    if FLAGS.config is not None:   # ml_collections defers a config file's load errors to the first access
+      FLAGS.config.get("stage")
+  except Exception as e:   # noqa: BLE001 — flags.Error, or what ml_collections raises for an unknown field
+    print(f"error: {_config_error(sys.argv, e)}", file=sys.stderr)
+    sys.exit(2)
   try:
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: remaining)
   except Preempted as e:
     print(f"stopped: {e}", file=sys.stderr)
     sys.exit(143 if e.signal_name == "SIGTERM" else 130)
   except (DatasetUnavailableError, WorkdirError, DivergenceError) as e:
     print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except RuntimeError as e:      # jax.errors.JaxRuntimeError: XLA's out-of-memory
+    if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
+      raise
+    print(f"error: out of memory ({str(e).splitlines()[0][:160]}): {OUT_OF_MEMORY_HINT}", file=sys.stderr)
     sys.exit(2)
 
 
