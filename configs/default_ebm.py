@@ -76,7 +76,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   buf.use = False
   buf.p_max = 0.6
   buf.anneal_steps = 5000
-  buf.capacity = 10_000              # ε_z entries held in all, over all devices
+  buf.capacity = 10_000              # ε_z entries per device (the reference: one buffer per GPU process)
 
   config.sample = sample = ml_collections.ConfigDict()   # --mode=sample
   sample.num_samples = 100

@@ -1,6 +1,6 @@
 """Stage 2 on Fashion-MNIST for this CPU: the small 'mnist' energy net (C d, C, 2C d, 2C; C=32) on
 the NVAE of configs/fashion_mnist_vae.py; 10 Langevin steps of η = 8e-5 (16 at test), samples as
-negatives, replay buffer (p_max 0.6, anneal 200, size 2000).
+negatives, replay buffer (p_max 0.6, anneal 200, 1000 per device: 2000 on this CPU's 2).
 
 COMMAND: python -m vaebm_jax.main --config=configs/fashion_mnist_ebm.py --workdir=workdirs/fashion_mnist_ebm --config.vae_workdir=workdirs/fashion_mnist_vae
 SMOKE:   python -m vaebm_jax.main --config=configs/fashion_mnist_ebm.py:smoke --workdir=/tmp/fmnist_ebm_smoke --config.vae_workdir=/tmp/fmnist_smoke
@@ -21,5 +21,5 @@ def get_config(arg: str = ""):
   config.optim.update(learning_rate=5e-5)
   config.objective.update(use_mu_cd=False)
   config.langevin.update(train_steps=10, test_steps=16, step_size=8e-5)
-  config.buffer.update(use=True, p_max=0.6, anneal_steps=200, capacity=2000)
+  config.buffer.update(use=True, p_max=0.6, anneal_steps=200, capacity=1000)
   return common.apply_variant(config, arg)

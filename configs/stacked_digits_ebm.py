@@ -18,6 +18,6 @@ def get_config(arg: str = ""):
                       checkpoint_every_steps=100, num_image_samples=36)
   config.optim.update(learning_rate=5e-5)
   config.langevin.update(train_steps=10, test_steps=16, step_size=8e-5)
-  config.buffer.update(use=True, p_max=0.6, anneal_steps=100, capacity=1000)
+  config.buffer.update(use=True, p_max=0.6, anneal_steps=100, capacity=500)   # per device: 1000 on 2
   config.sample.update(num_samples=10_000, batch_size=500)
   return common.apply_variant(config, arg)

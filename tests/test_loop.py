@@ -159,3 +159,13 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path, 
   assert "checkpoint 10" in caplog.text and "unreadable" in caplog.text
   assert (tmp_path / "checkpoints_unreadable" / "10").is_dir()      # kept for inspection, not deleted
   assert not (tmp_path / "checkpoints" / "10").exists()
+
+
+def test_a_checkpoint_of_another_shape_is_refused_not_moved(tmp_path):
+  _run(tmp_path, _config(enabled=False), _make_step(), total=5)
+  context = loop.start(_config(), str(tmp_path))
+  other = lambda: ToyState(jnp.zeros((), jnp.int32), jnp.ones((3,), jnp.float32))   # e.g. another device count
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"checkpoint 5 .*\(w has shape \(\), this run needs"):
+    context.checkpointer.restore_or_initialize(other, sharding=context.replicated)
+  context.checkpointer.close()
+  assert (tmp_path / "checkpoints" / "5").is_dir() and not (tmp_path / "checkpoints_unreadable").exists()

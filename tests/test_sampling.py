@@ -221,8 +221,8 @@ def test_replay_buffer_anneal_fifo_and_replay():
   assert int(n) == 0 and float(eps[0].max()) == -1.0
   for v in range(4):                       # 16 pushes into capacity 10: entries of 1.5 batches survive
     buffer = sampling.push_replay_buffer(buffer, [b + jnp.arange(4.0).reshape(4, 1, 1, 1) / 10 for b in batch(v)])
-  assert int(buffer.size) == 10 and int(buffer.pointer) == 6
-  kept = sorted(round(float(v), 1) for v in buffer.eps_z[0][:, 0, 0, 0])
+  assert buffer.size.tolist() == [10] and buffer.pointer.tolist() == [6]
+  kept = sorted(round(float(v), 1) for v in buffer.eps_z[0][0, :, 0, 0, 0])
   assert kept == sorted([1.2, 1.3] + [2.0, 2.1, 2.2, 2.3] + [3.0, 3.1, 3.2, 3.3])   # the oldest dropped
   eps, n = sampling.sample_initial_eps_z(buffer, jax.random.key(1), fresh, 1.0)
   drawn = {round(float(v), 1) for v in eps[0][:, 0, 0, 0]}
@@ -234,3 +234,36 @@ def test_replay_buffer_anneal_fifo_and_replay():
   eps, n = sampling.sample_initial_eps_z(buffer, jax.random.key(3), fresh, 0.5)
   replayed = np.asarray(eps[0][:, 0, 0, 0]) >= 0
   assert replayed.sum() == int(n) and replayed[:int(n)].all()          # replayed samples come first
+
+
+def test_replay_buffer_keeps_one_shard_per_device_and_moves_no_entry_between_devices():
+  """The reference's one buffer per GPU process: device d pushes and replays its own rows only."""
+  vae = tiny_nvae()
+  mesh = parallel.create_mesh()
+  shards = mesh.size
+  buffer = sampling.init_replay_buffer(vae, capacity=3, num_shards=shards)
+  shardings = sampling.buffer_shardings(buffer, mesh)
+  buffer = jax.device_put(buffer, shardings)
+  rows = 2 * shards
+  sharded = parallel.data_sharded(mesh)
+  # Rows 2d, 2d+1 belong to device d; their values say which device and which push.
+  batch = lambda push: [jax.device_put(jnp.broadcast_to(
+      (jnp.arange(rows) // 2 * 10 + push).astype(jnp.float32).reshape((rows, 1, 1, 1)), (rows,) + s), sharded)
+      for s in vae.latent_shapes()]
+  push = jax.jit(sampling.push_replay_buffer, out_shardings=shardings)
+  for p in range(3):
+    buffer = push(buffer, batch(p))
+  assert buffer.size.tolist() == [3] * shards and buffer.pointer.tolist() == [0] * shards   # 6 pushed, 3 kept
+  assert buffer.eps_z[0].sharding.spec == jax.sharding.PartitionSpec("data")
+  for d in range(shards):                   # the newest 3 of device d's 6 rows, nothing from elsewhere
+    assert sorted(np.asarray(buffer.eps_z[0][d, :, 0, 0, 0]).tolist()) == [10 * d + 1, 10 * d + 2, 10 * d + 2]
+  fresh = [jax.device_put(-jnp.ones((rows,) + s), sharded) for s in vae.latent_shapes()]
+  draw = jax.jit(lambda b, k, f: sampling.sample_initial_eps_z(b, k, f, 1.0))
+  eps, n = draw(buffer, jax.random.key(0), fresh)
+  assert int(n) == rows
+  assert (np.asarray(eps[0][:, 0, 0, 0]) // 10 == np.arange(rows) // 2).all()   # each row from its own device
+  entries_only = jax.jit(lambda b, k, f: sampling.sample_initial_eps_z(b, k, f, 1.0)[0])   # not the count
+  hlo = entries_only.lower(buffer, jax.random.key(0), fresh).compile().as_text() + \
+      push.lower(buffer, batch(0)).compile().as_text()
+  assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce")), \
+      "a buffer entry crossed devices"

@@ -30,8 +30,10 @@ def workdirs(tmp_path_factory):
 def test_smoke_configs_run_stage1_stage2_and_sampling(workdirs):
   root, config, state = workdirs
   assert int(state.step) == config.train.num_train_steps
-  assert state.buffer is not None and int(state.buffer.size) == min(
-      config.buffer.capacity, config.train.num_train_steps * config.train.batch_size)
+  shards = jax.device_count()                 # one buffer per device, each fed by its own chains
+  assert state.buffer is not None and state.buffer.size.shape == (shards,)
+  assert (np.asarray(state.buffer.size) == min(
+      config.buffer.capacity, config.train.num_train_steps * config.train.batch_size // shards)).all()
   images = os.listdir(root / "ebm" / "images")
   assert "vaebm_samples_0000006.png" in images and "vae_samples_0000006.png" in images
   out = evaluate.sample_to_files(str(root / "ebm"), num_samples=6, batch_size=4)

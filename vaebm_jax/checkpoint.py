@@ -14,6 +14,14 @@ from absl import logging
 from vaebm_jax import parallel
 
 
+class CheckpointMismatchError(RuntimeError):
+  """A readable checkpoint whose arrays do not fit the state of this run."""
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 class Checkpointer:
   """Saves `{'state': pytree, 'config': json}` per step under `<workdir>/checkpoints`."""
 
@@ -75,25 +83,56 @@ class Checkpointer:
     return dict(restored["state"])
 
   def restore_or_initialize(self, init_fn, *args, sharding) -> Any:
-    """The latest checkpoint restored with `sharding`, or `jit(init_fn, out_shardings=sharding)(*args)`
-    for a fresh run. `sharding` is one sharding for every leaf (states are replicated)."""
+    """The latest checkpoint restored with `sharding`, or `jit(init_fn, out_shardings=...)(*args)` for a
+    fresh run. `sharding`: one sharding for every leaf, or a function from the state's shapes to a tree
+    of shardings (e.g. a replay buffer sharded over the data axis).
+
+    An unreadable latest checkpoint (a torn write) is moved to `<workdir>/checkpoints_unreadable` and the
+    one before is tried; one that reads but does not fit the state (another device count or config)
+    raises `CheckpointMismatchError`."""
     shapes = jax.eval_shape(init_fn, *args)
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    shardings = sharding(shapes) if callable(sharding) else jax.tree.map(lambda _: sharding, shapes)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     while (step := self.latest_step()) is not None:
+      mismatch = self._shape_mismatch(step, target)
+      if mismatch:
+        raise CheckpointMismatchError(
+            f"checkpoint {step} in {self.directory} does not fit this run ({mismatch}): it was written with "
+            f"another config or device count; use the same ones, or another --workdir")
       try:
         state = self.restore(target, step)
+        logging.info("Resumed from %s at step %d", self.directory, int(state.step))
+        return state
       except Exception as e:   # noqa: BLE001 — a partial or corrupted write (kill -9, full disk, ...)
-        if jax.process_count() > 1:   # every process would move it: leave it to the user
-          raise RuntimeError(f"checkpoint {step} in {self.directory} is unreadable ({e}); move it out of "
-                             f"{self.directory} and rerun to resume from the one before") from e
-        moved = self.quarantine(step)
-        logging.warning("checkpoint %d in %s is unreadable (%s: %s); moved to %s, resuming from the one before",
-                        step, self.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
-                        moved)
-        continue
-      logging.info("Resumed from %s at step %d", self.directory, int(state.step))
-      return state
-    return jax.jit(init_fn, out_shardings=jax.tree.map(lambda _: sharding, shapes))(*args)
+        error = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+      if jax.process_count() > 1:   # every process would move it: leave it to the user
+        raise RuntimeError(f"checkpoint {step} in {self.directory} is unreadable ({error}); move it out of "
+                           f"{self.directory} and rerun to resume from the one before")
+      moved = self.quarantine(step)
+      logging.warning("checkpoint %d in %s is unreadable (%s); moved to %s, resuming from the one before",
+                      step, self.directory, error, moved)
+    return jax.jit(init_fn, out_shardings=shardings)(*args)
+
+  def _shape_mismatch(self, step: int, target: Any) -> Optional[str]:
+    """None if the saved state's metadata does not read, '' if its shapes fit `target`, else the first misfit."""
+    try:
+      with ocp.PyTreeCheckpointer() as reader:
+        saved = reader.metadata(os.path.join(self.step_path(step), "state"))
+      saved = getattr(saved, "item_metadata", saved)     # StepMetadata or TreeMetadata, by orbax version
+      saved = getattr(saved, "tree", saved)
+      saved = {_path_str(p): tuple(m.shape) for p, m in
+               jax.tree.leaves_with_path(saved, is_leaf=lambda x: hasattr(x, "shape"))}
+    except Exception:   # noqa: BLE001
+      return None
+    if not saved:                     # a torn metadata file reads as an empty tree
+      return None
+    for path, leaf in jax.tree.leaves_with_path(target):
+      key = _path_str(path)
+      if key not in saved:
+        return f"{key} is not in it"
+      if saved[key] != tuple(leaf.shape):
+        return f"{key} has shape {saved[key]}, this run needs {tuple(leaf.shape)}"
+    return ""
 
   def restore_config(self, step: Optional[int] = None) -> ml_collections.ConfigDict:
     step = self.latest_step() if step is None else step

@@ -286,18 +286,28 @@ def _check_init_pixels(init, vae: ReparameterizedVAE, num_samples: int):
 
 @flax.struct.dataclass
 class ReplayBuffer:
-  eps_z: list          # per latent group: (capacity, H, W, C)
-  size: jax.Array      # number of filled entries
-  pointer: jax.Array   # next slot to write (the oldest entry once full)
+  """One FIFO ring of ε_z per data shard (device), as the reference keeps one buffer per GPU process:
+  each shard pushes its own chains' final ε_z and replays from its own entries. Arrays carry the shard
+  axis first (`eps_z[g]`: (shards, capacity, H, W, C); `size`, `pointer`: (shards,)), so sharding axis 0
+  over 'data' puts each shard's buffer on its own device and no buffer entry crosses devices."""
+  eps_z: list          # per latent group: (shards, capacity, H, W, C)
+  size: jax.Array      # (shards,) filled entries
+  pointer: jax.Array   # (shards,) next slot to write (the oldest entry once full)
 
   @property
   def capacity(self) -> int:
+    """Entries per shard."""
+    return self.eps_z[0].shape[1]
+
+  @property
+  def num_shards(self) -> int:
     return self.eps_z[0].shape[0]
 
 
-def init_replay_buffer(vae: ReparameterizedVAE, capacity: int) -> ReplayBuffer:
-  return ReplayBuffer([jnp.zeros((capacity,) + s, jnp.float32) for s in vae.latent_shapes()],
-                      jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+def init_replay_buffer(vae: ReparameterizedVAE, capacity: int, num_shards: int = 1) -> ReplayBuffer:
+  """An empty buffer of `capacity` entries per shard (`num_shards`: the devices of the data axis)."""
+  return ReplayBuffer([jnp.zeros((num_shards, capacity) + tuple(s), jnp.float32) for s in vae.latent_shapes()],
+                      jnp.zeros((num_shards,), jnp.int32), jnp.zeros((num_shards,), jnp.int32))
 
 
 def replay_probability(step, p_max: float, anneal_steps: int):
@@ -305,36 +315,64 @@ def replay_probability(step, p_max: float, anneal_steps: int):
   return jnp.minimum(p_max, p_max * step / max(anneal_steps, 1))
 
 
-def sample_initial_eps_z(buffer: ReplayBuffer, key: jax.Array, fresh: Sequence[jax.Array], probability):
-  """Each slot comes from the buffer with probability p (drawn uniformly without replacement from
-  the filled entries); replayed samples come first in the batch, fresh N(0, I) fill the rest.
+def _per_shard(x: jax.Array, shards: int) -> jax.Array:
+  """(B, ...) sharded over 'data' → (shards, B / shards, ...): each device's rows become its shard."""
+  if x.shape[0] % shards:
+    raise ValueError(f"the batch of {x.shape[0]} does not split over the buffer's {shards} shards")
+  return x.reshape((shards, x.shape[0] // shards) + x.shape[1:])
 
-  Returns (ε_z per group, number replayed).
-  """
-  batch = fresh[0].shape[0]
+
+def _sample_one_shard(eps_z, size, key, fresh, probability):
+  batch, capacity = fresh[0].shape[0], eps_z[0].shape[0]
   k_slots, k_pick = jax.random.split(key)
   wanted = jnp.sum(jax.random.bernoulli(k_slots, probability, (batch,)))
-  num_replayed = jnp.minimum(wanted, buffer.size)
-  scores = jnp.where(jnp.arange(buffer.capacity) < buffer.size,
-                     jax.random.uniform(k_pick, (buffer.capacity,)), jnp.inf)
-  picked = jnp.argsort(scores)[:batch] if buffer.capacity >= batch else \
-      jnp.concatenate([jnp.argsort(scores), jnp.zeros(batch - buffer.capacity, jnp.int32)])
+  num_replayed = jnp.minimum(wanted, size)
+  scores = jnp.where(jnp.arange(capacity) < size, jax.random.uniform(k_pick, (capacity,)), jnp.inf)
+  picked = jnp.argsort(scores)[:batch] if capacity >= batch else \
+      jnp.concatenate([jnp.argsort(scores), jnp.zeros(batch - capacity, jnp.int32)])
   use_buffer = jnp.arange(batch) < num_replayed
-  eps_z = [jnp.where(use_buffer.reshape((-1,) + (1,) * (f.ndim - 1)), b[picked], f)
-           for b, f in zip(buffer.eps_z, fresh, strict=True)]
-  return eps_z, num_replayed
+  out = [jnp.where(use_buffer.reshape((-1,) + (1,) * (f.ndim - 1)), b[picked], f)
+         for b, f in zip(eps_z, fresh, strict=True)]
+  return out, num_replayed
+
+
+def sample_initial_eps_z(buffer: ReplayBuffer, key: jax.Array, fresh: Sequence[jax.Array], probability):
+  """Per shard, each of its batch slots comes from the shard's buffer with probability p (drawn uniformly
+  without replacement from its filled entries); replayed samples come first in each shard's rows, fresh
+  N(0, I) fill the rest. `fresh` is the global batch (rows split over the shards in order).
+
+  Returns (ε_z per group, number replayed over all shards).
+  """
+  shards = buffer.num_shards
+  per_shard = [_per_shard(f, shards) for f in fresh]
+  eps_z, replayed = jax.vmap(_sample_one_shard, in_axes=(0, 0, 0, 0, None))(
+      buffer.eps_z, buffer.size, jax.random.split(key, shards), per_shard, probability)
+  return [e.reshape(f.shape) for e, f in zip(eps_z, fresh, strict=True)], jnp.sum(replayed)
+
+
+def _push_one_shard(eps_z, size, pointer, new):
+  batch, capacity = new[0].shape[0], eps_z[0].shape[0]
+  slots = (pointer + jnp.arange(batch)) % capacity
+  return ([b.at[slots].set(e) for b, e in zip(eps_z, new, strict=True)], jnp.minimum(size + batch, capacity),
+          (pointer + batch) % capacity)
 
 
 def push_replay_buffer(buffer: ReplayBuffer, eps_z: Sequence[jax.Array]) -> ReplayBuffer:
-  """Appends all B final ε_z; beyond the capacity the oldest entries are overwritten."""
-  batch = eps_z[0].shape[0]
-  slots = (buffer.pointer + jnp.arange(batch)) % buffer.capacity
-  new = [b.at[slots].set(e) for b, e in zip(buffer.eps_z, eps_z, strict=True)]
-  return ReplayBuffer(new, jnp.minimum(buffer.size + batch, buffer.capacity),
-                      (buffer.pointer + batch) % buffer.capacity)
+  """Appends the final ε_z of the global batch, each shard its own rows; beyond a shard's capacity its
+  oldest entries are overwritten."""
+  shards = buffer.num_shards
+  new, size, pointer = jax.vmap(_push_one_shard)(buffer.eps_z, buffer.size, buffer.pointer,
+                                                 [_per_shard(e, shards) for e in eps_z])
+  return ReplayBuffer(new, size, pointer)
+
+
+def buffer_shardings(buffer: ReplayBuffer, mesh: jax.sharding.Mesh) -> ReplayBuffer:
+  """Shard axis over the mesh's data axis (a replicated buffer would hold every shard on every device)."""
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
+  return jax.tree.map(lambda _: sharded, buffer)
 
 
 __all__ = ["PIXEL_INITS", "POTENTIALS", "SPACES", "ReplayBuffer", "init_replay_buffer", "initial_noise",
            "initial_pixels", "langevin_chain", "langevin_step", "latent_noise", "pixel_potential_fn",
-           "potential_fn", "push_replay_buffer", "replay_probability", "sample_fn", "sample_initial_eps_z",
-           "vae_samples"]
+           "potential_fn", "push_replay_buffer", "buffer_shardings", "replay_probability", "sample_fn",
+           "sample_initial_eps_z", "vae_samples"]

@@ -81,14 +81,14 @@ class StepSettings:
 
 
 def create_train_state(ebm: EnergyNet, vae: nvae.NVAE, tx, key: jax.Array, init_images: jax.Array,
-                       buffer_capacity: int = 0) -> EBMTrainState:
+                       buffer_capacity: int = 0, buffer_shards: int = 1) -> EBMTrainState:
   """Initialises the EBM on real images (data-dependent init when enabled: Linen's init runs the real
   forward pass), the optimiser, the power-iteration state and an empty replay buffer of
-  `buffer_capacity` ε_z (none when 0)."""
+  `buffer_capacity` ε_z per shard, `buffer_shards` shards (none when the capacity is 0)."""
   k_params, k_sr = jax.random.split(key)
   variables = ebm.init(k_params, init_images)
   spectral = objectives.init_spectral_state(k_sr, variables.get("normalized_weights", {}), num_iter=40)
-  buffer = sampling.init_replay_buffer(vae, buffer_capacity) if buffer_capacity else None
+  buffer = sampling.init_replay_buffer(vae, buffer_capacity, buffer_shards) if buffer_capacity else None
   return EBMTrainState(jnp.zeros((), jnp.int32), variables["params"], tx.init(variables["params"]), spectral, buffer)
 
 
@@ -195,11 +195,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> EBMTr
   # data-dependent init on `data_init_batches` real batches (5 × 32 = 160 images in the reference)
   init_images = np.concatenate([train_ds.batches[i] for i in range(init_batches if config.ebm.data_init else 1)])
   # Statistics of the global init batch (all processes' shares), as the reference averages them over GPUs.
-  capacity = config.buffer.capacity if config.buffer.use else 0
+  capacity = config.buffer.capacity if config.buffer.use else 0   # per device, as the reference's per GPU
+
+  def shardings(state):   # replicated, but each device holds its own shard of the replay buffer
+    buffer = None if state.buffer is None else sampling.buffer_shardings(state.buffer, mesh)
+    return state.replace(**{k: jax.tree.map(lambda _: repl, getattr(state, k))
+                            for k in ("step", "params", "opt_state", "spectral")}, buffer=buffer)
+
   state = run.checkpointer.restore_or_initialize(
-      functools.partial(create_train_state, ebm, vae, tx, buffer_capacity=capacity), init_key,
-      run.shard(init_images), sharding=repl)
-  state_sharding = jax.tree.map(lambda _: repl, state)
+      functools.partial(create_train_state, ebm, vae, tx, buffer_capacity=capacity, buffer_shards=mesh.size),
+      init_key, run.shard(init_images), sharding=shardings)
+  state_sharding = shardings(state)
   logging.info("EBM: %d parameters; NVAE from %s step %d",
                sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)), stage1["path"], stage1["step"])
 
