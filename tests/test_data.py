@@ -33,6 +33,18 @@ def test_processes_read_disjoint_shares():
   assert not np.array_equal(p0.batches[0], p1.batches[0])
 
 
+@pytest.mark.parametrize("name, kw", [("gaussians25", {}),
+                                      ("digits", dict(image_size=16, image_channels=1, random_flip=True))])
+def test_training_batches_are_the_same_global_batches_on_any_number_of_processes(name, kw):
+  """Process p reads rows p·b … (p+1)·b − 1 of every global batch (shuffle and augmentation by global index)."""
+  full = data.create_dataset(name, "train", global_batch_size=12, seed=1, train=True, **kw)
+  for count in (2, 3):
+    parts = [data.create_dataset(name, "train", global_batch_size=12, seed=1, train=True, process_index=p,
+                                 process_count=count, **kw) for p in range(count)]
+    for i in (0, 1, 777):
+      np.testing.assert_array_equal(np.concatenate([q.batches[i] for q in parts]), full.batches[i])
+
+
 @pytest.mark.skipif(not os.path.isdir(sources.FASHION_MNIST_DIR), reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_is_padded_to_32():
   ds = data.create_dataset("fashion_mnist", "test", image_size=32, image_channels=1, global_batch_size=16,

@@ -95,6 +95,16 @@ class ImageDataset:
       yield self.batches[i]
 
 
+def _rows_of_process(ds: grain.MapDataset, global_batch_size: int, process_index: int,
+                     process_count: int) -> grain.MapDataset:
+  """Element j of this process is row j % b of its share (b rows) of global batch j // b."""
+  b = global_batch_size // process_count
+  if process_count == 1:
+    return ds
+  return grain.MapDataset.range(len(ds) // process_count).map(
+      lambda j: ds[(j // b) * global_batch_size + process_index * b + j % b])
+
+
 def create_dataset(name: str, split: str, *, image_size: int | None = None, image_channels: int | None = None,
                    global_batch_size: int,
                    seed: int = 0, train: bool = True, random_flip: bool = False, data_dir: str | None = None,
@@ -129,18 +139,20 @@ def create_dataset(name: str, split: str, *, image_size: int | None = None, imag
   num_examples = len(source)
 
   ds = grain.MapDataset.source(source)
-  ds = ds[process_index::process_count]
-  if name in POINT_DATASETS:
-    if train:
-      ds = ds.shuffle(seed=seed).repeat()
-    ds = ds.batch(global_batch_size // process_count, drop_remainder=train, batch_fn=np.stack)
-    return ImageDataset(name, num_examples, ds, (2,), global_batch_size)
   if train:
+    # Shuffle, repeat and augment by *global* example index, then give each process its rows of every
+    # global batch: the global batches are the same whatever the number of processes.
     ds = ds.shuffle(seed=seed).repeat()
-    ds = ds.random_map(lambda r, rng: _preprocess(name, _to_array(r), image_size, rng, random_flip), seed=seed + 1)
+    if name not in POINT_DATASETS:
+      ds = ds.random_map(lambda r, rng: _preprocess(name, _to_array(r), image_size, rng, random_flip), seed=seed + 1)
+    ds = _rows_of_process(ds, global_batch_size, process_index, process_count)
   else:
-    ds = ds.map(lambda r: _preprocess(name, _to_array(r), image_size, None, False))
+    ds = ds[process_index::process_count]
+    if name not in POINT_DATASETS:
+      ds = ds.map(lambda r: _preprocess(name, _to_array(r), image_size, None, False))
   ds = ds.batch(global_batch_size // process_count, drop_remainder=train, batch_fn=np.stack)
+  if name in POINT_DATASETS:
+    return ImageDataset(name, num_examples, ds, (2,), global_batch_size)
 
   shape = (image_size, image_size, image_channels)
   first = ds[0]
