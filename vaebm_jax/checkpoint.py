@@ -12,10 +12,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from vaebm_jax import parallel
-
-
-class CheckpointMismatchError(RuntimeError):
-  """A readable checkpoint whose arrays do not fit the state of this run."""
+from vaebm_jax.errors import CheckpointMismatchError  # noqa: F401  (also re-exported from here)
 
 
 def _path_str(path) -> str:

@@ -25,6 +25,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from vaebm_jax import checkpoint, parallel, visualize
+from vaebm_jax.errors import DivergenceError, Preempted  # noqa: F401  (also re-exported from here)
 
 
 def due(step: int, every: int, total: int) -> bool:
@@ -99,18 +100,6 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> Run:
   writer.write_hparams(flatten_config(config))
   return Run(workdir, config, mesh, writer, checkpoint.Checkpointer(workdir, config.train.keep_checkpoints))
 
-
-class DivergenceError(RuntimeError):
-  """Training diverged more often than `guard.max_rollbacks` allows (or before any good checkpoint)."""
-
-
-class Preempted(Exception):
-  """SIGTERM / SIGINT (or a multi-host preemption notice) arrived; a checkpoint of `step` was written."""
-
-  def __init__(self, signal_name: str, step: int, directory: str):
-    super().__init__(f"{signal_name} at step {step}: checkpoint written to {directory}; rerun the same command "
-                     f"to continue")
-    self.signal_name, self.step = signal_name, step
 
 
 GUARD_RECORD = "guard.json"

@@ -130,10 +130,7 @@ def _config_error(argv: list[str], error: Exception) -> str:
 
 
 def run():
-  from vaebm_jax.checkpoint import CheckpointMismatchError
-  from vaebm_jax.data import DatasetUnavailableError
-  from vaebm_jax.loop import DivergenceError, Preempted
-  from vaebm_jax.workdir import WorkdirError
+  from vaebm_jax.errors import ONE_LINE_ERRORS, Preempted
   app.define_help_flags()
   try:   # parse up front so that a bad config flag is one line, not a traceback
     remaining = FLAGS(sys.argv)
@@ -147,7 +144,7 @@ def run():
   except Preempted as e:
     print(f"stopped: {e}", file=sys.stderr)
     sys.exit(143 if e.signal_name == "SIGTERM" else 130)
-  except (DatasetUnavailableError, WorkdirError, DivergenceError, CheckpointMismatchError) as e:
+  except ONE_LINE_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except RuntimeError as e:      # jax.errors.JaxRuntimeError: XLA's out-of-memory

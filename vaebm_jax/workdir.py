@@ -23,6 +23,7 @@ import ml_collections
 from absl import logging
 
 from vaebm_jax import checkpoint
+from vaebm_jax.errors import WorkdirError  # noqa: F401  (also re-exported from here)
 from vaebm_jax.models import mlp, nvae
 from vaebm_jax.models.energy import EnergyNet
 
@@ -32,9 +33,6 @@ STAGE1_RECORD = "stage1.json"
 # models.interface.LikelihoodVAE).
 VAE_MODELS = {"nvae": nvae.NVAE, "mlp_vae": mlp.MLPVAE}
 
-
-class WorkdirError(RuntimeError):
-  """A stage-1 or stage-2 workdir is missing, unfinished or does not fit; the message says what to do."""
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -8,6 +8,8 @@ import struct
 
 import numpy as np
 
+from vaebm_jax.errors import DatasetUnavailableError  # noqa: F401  (also re-exported from here)
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 # name → (tfds name, train split, eval split). CelebA-HQ needs a manual download (tfds docs).
@@ -19,8 +21,6 @@ TFDS_DATASETS = {
 }
 
 
-class DatasetUnavailableError(RuntimeError):
-  """A dataset is missing; the message names it, where we looked and what to do."""
 
 
 def _read_idx(path: str) -> np.ndarray:
