@@ -222,6 +222,8 @@ def test_replay_buffer_anneal_fifo_and_replay():
   for v in range(4):                       # 16 pushes into capacity 10: entries of 1.5 batches survive
     buffer = sampling.push_replay_buffer(buffer, [b + jnp.arange(4.0).reshape(4, 1, 1, 1) / 10 for b in batch(v)])
   assert buffer.size.tolist() == [10] and buffer.pointer.tolist() == [6]
+  skipped = sampling.push_replay_buffer(buffer, batch(9), keep=jnp.asarray(False))   # a skipped update
+  jax.tree.map(np.testing.assert_array_equal, skipped, buffer)
   kept = sorted(round(float(v), 1) for v in buffer.eps_z[0][0, :, 0, 0, 0])
   assert kept == sorted([1.2, 1.3] + [2.0, 2.1, 2.2, 2.3] + [3.0, 3.1, 3.2, 3.3])   # the oldest dropped
   eps, n = sampling.sample_initial_eps_z(buffer, jax.random.key(1), fresh, 1.0)

@@ -350,19 +350,23 @@ def sample_initial_eps_z(buffer: ReplayBuffer, key: jax.Array, fresh: Sequence[j
   return [e.reshape(f.shape) for e, f in zip(eps_z, fresh, strict=True)], jnp.sum(replayed)
 
 
-def _push_one_shard(eps_z, size, pointer, new):
+def _push_one_shard(eps_z, size, pointer, new, keep):
   batch, capacity = new[0].shape[0], eps_z[0].shape[0]
   slots = (pointer + jnp.arange(batch)) % capacity
-  return ([b.at[slots].set(e) for b, e in zip(eps_z, new, strict=True)], jnp.minimum(size + batch, capacity),
-          (pointer + batch) % capacity)
+  # When not `keep`, the slots get their own rows back: a scatter in place, not a select over the buffer.
+  rows = [jnp.where(keep, e, b[slots]) for b, e in zip(eps_z, new, strict=True)]
+  return ([b.at[slots].set(r) for b, r in zip(eps_z, rows, strict=True)],
+          jnp.where(keep, jnp.minimum(size + batch, capacity), size), jnp.where(keep, (pointer + batch) % capacity,
+                                                                              pointer))
 
 
-def push_replay_buffer(buffer: ReplayBuffer, eps_z: Sequence[jax.Array]) -> ReplayBuffer:
+def push_replay_buffer(buffer: ReplayBuffer, eps_z: Sequence[jax.Array], keep=True) -> ReplayBuffer:
   """Appends the final ε_z of the global batch, each shard its own rows; beyond a shard's capacity its
-  oldest entries are overwritten."""
+  oldest entries are overwritten. With `keep` false (a skipped update) the buffer stays as it was, without
+  a second copy of it (as `jnp.where(keep, pushed, buffer)` would make)."""
   shards = buffer.num_shards
-  new, size, pointer = jax.vmap(_push_one_shard)(buffer.eps_z, buffer.size, buffer.pointer,
-                                                 [_per_shard(e, shards) for e in eps_z])
+  new, size, pointer = jax.vmap(_push_one_shard, in_axes=(0, 0, 0, 0, None))(
+      buffer.eps_z, buffer.size, buffer.pointer, [_per_shard(e, shards) for e in eps_z], keep)
   return ReplayBuffer(new, size, pointer)
 
 

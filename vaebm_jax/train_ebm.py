@@ -151,7 +151,7 @@ def train_step(state: EBMTrainState, batch: jax.Array, key: jax.Array, *, vae, v
   keep = lambda new, old: loop.keep_if_finite(finite, new, old)
   buffer = state.buffer
   if buffer is not None:
-    buffer = keep(sampling.push_replay_buffer(buffer, eps_z), buffer)
+    buffer = sampling.push_replay_buffer(buffer, eps_z, keep=finite)
   new_state = EBMTrainState(state.step + 1, keep(new_params, state.params), keep(new_opt_state, state.opt_state),
                             keep(new_spectral, state.spectral), buffer)
   metrics = dict(metrics, loss=loss, grad_norm=grad_norm, chain_energy_first=jnp.mean(chain_energies[0]),
