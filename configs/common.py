@@ -19,7 +19,7 @@ def eval_config() -> ml_collections.ConfigDict:
   return ev
 
 
-def guard_config(metrics: str, confirm_steps: int, keep_good: int) -> ml_collections.ConfigDict:
+def guard_config(metrics: str, keep_good: int, confirm_steps: int = -1) -> ml_collections.ConfigDict:
   """The `guard` section of both stages (vaebm_jax.loop.run's divergence guard)."""
   g = ml_collections.ConfigDict()
   g.enabled = True
@@ -27,7 +27,8 @@ def guard_config(metrics: str, confirm_steps: int, keep_good: int) -> ml_collect
   g.window = 500                     # steps of history
   g.min_history = 100                # runaway checks start after this many steps (non-finite: always)
   g.tolerance = 25.0                 # runaway: |x − median| > tolerance × max(1.4826·MAD, 1 % of |median|)
-  g.confirm_steps = confirm_steps    # healthy steps after a checkpoint before it counts as good
+  g.confirm_steps = confirm_steps    # healthy steps after a checkpoint before it counts as good (−1: one
+                                     # checkpoint interval, train.checkpoint_every_steps)
   g.keep_good = keep_good            # good checkpoints kept apart from the rolling ones
   g.lr_factor = 0.5                  # learning rate × this after each rollback
   g.max_rollbacks = 3                # then stop, naming the last good checkpoint

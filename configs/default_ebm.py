@@ -43,8 +43,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   # "Training eventually explodes" (VAEBM's README): watch E⁺ − E⁻, the loss, the energies and the
   # gradient norm; roll back to the last good checkpoint with a lower learning rate.
-  config.guard = common.guard_config("energy_diff,loss,energy_pos,energy_neg,grad_norm", confirm_steps=500,
-                                     keep_good=5)
+  config.guard = common.guard_config("energy_diff,loss,energy_pos,energy_neg,grad_norm", keep_good=5)
 
   # The same sections as stage 1: optim (how ψ is updated), objective (what is minimised).
   config.optim = optim = ml_collections.ConfigDict()

@@ -64,7 +64,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   train.num_image_samples = 64
 
   # Stage 1 already skips non-finite updates; the guard rolls back when the NELBO runs away.
-  config.guard = common.guard_config("nelbo", confirm_steps=1000, keep_good=3)
+  config.guard = common.guard_config("nelbo", keep_good=3)
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 1e-2

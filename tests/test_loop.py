@@ -26,7 +26,7 @@ def _config(**guard):
   config = ml_collections.ConfigDict()
   config.train = ml_collections.ConfigDict(dict(batch_size=4, log_every_steps=5, checkpoint_every_steps=5,
                                                 keep_checkpoints=2))
-  config.guard = common.guard_config("loss,grad_norm", confirm_steps=5, keep_good=2)
+  config.guard = common.guard_config("loss,grad_norm", keep_good=2)   # confirmed after one interval (5)
   config.guard.update(window=20, min_history=10, **guard)
   return config
 

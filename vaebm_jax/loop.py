@@ -123,8 +123,9 @@ class GuardSettings:
     g = config.get("guard")
     if g is None:
       return cls(False, (), 1, 1, 1.0, 0, 1, 1.0, 0)
+    confirm = g.confirm_steps if g.confirm_steps >= 0 else config.train.checkpoint_every_steps
     return cls(g.enabled, tuple(m.strip() for m in g.metrics.split(",") if m.strip()), g.window, g.min_history,
-               g.tolerance, g.confirm_steps, g.keep_good, g.lr_factor, g.max_rollbacks)
+               g.tolerance, confirm, g.keep_good, g.lr_factor, g.max_rollbacks)
 
 
 class Guard:
