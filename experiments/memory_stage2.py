@@ -33,6 +33,7 @@ CONFIGS = {   # name: (per-device batch, the reference's hardware)
 }
 flags.DEFINE_string("config", None, "one of CONFIGS; default: all, each in its own process")
 flags.DEFINE_string("out", common.RESULTS, "where memory_stage2.json goes")
+flags.DEFINE_bool("remat", False, "rematerialise the NVAE's cells in the Langevin gradient (model.remat_cells)")
 FLAGS = flags.FLAGS
 
 
@@ -48,7 +49,7 @@ def measure(name: str) -> dict:
   vae_config = importlib.import_module(f"configs.{name}_vae").get_config()
   config = importlib.import_module(f"configs.{name}_ebm").get_config()
   batch, hardware = CONFIGS[name]
-  vae = workdir.create_vae(vae_config).clone(scan_groups=False)   # as stage 2 loads it
+  vae = workdir.create_vae(vae_config).clone(scan_groups=False, remat_cells=FLAGS.remat)   # as stage 2 loads it
   ebm = workdir.create_ebm(config, data_init=False)
   tx = train_ebm.create_optimizer(config)
   mesh = parallel.create_mesh(jax.devices()[:1])
