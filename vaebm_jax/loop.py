@@ -280,15 +280,18 @@ def run(state: Any, make_step: Callable[[float], Callable[[Any, jax.Array], tupl
       if jax.process_index() == 0 else []
   logging.info("%s: steps %d → %d on %d devices", name, step, total_steps, context.mesh.size)
   history, unchecked = [], []          # metrics since the last log step / the last guard check
+  previous = None                      # the previous step's metrics
   with _Signals() as signals:
     while step < total_steps:
       step += 1
       with jax.profiler.StepTraceAnnotation(name, step_num=step):
         state, metrics = step_fn(state, context.shard(next(batches)))
       history.append(metrics)
-      unchecked.append((step, metrics))
-      if len(unchecked) > 1:            # bound how far dispatch runs ahead (honest steps/s, bounded memory)
-        jax.block_until_ready(unchecked[-2][1])
+      if guard is not None:
+        unchecked.append((step, metrics))
+      if previous is not None:          # bound how far dispatch runs ahead (honest steps/s, bounded memory)
+        jax.block_until_ready(previous)
+      previous = metrics
       for hook in hooks:
         hook(step)
       log_now, save_now = due(step, t.log_every_steps, total_steps), due(step, t.checkpoint_every_steps, total_steps)
@@ -301,8 +304,6 @@ def run(state: Any, make_step: Callable[[float], Callable[[Any, jax.Array], tupl
           step_fn, batches, history = make_step(record["lr_scale"]), batches_from(step), []
           continue
         good.confirm_through(step)
-      elif guard is None:
-        unchecked = []
       if log_now:
         scalars = aggregate_metrics(history)
         context.writer.write_scalars(step, scalars)
