@@ -94,6 +94,24 @@ def test_injected_divergence_is_rolled_back_and_good_checkpoints_survive_retenti
   np.testing.assert_array_equal(final.w, lowered.w)
 
 
+def test_skipped_updates_are_not_judged_but_a_window_of_them_is_a_divergence(tmp_path):
+  def make_step(lr_scale, skip=lambda step: step == 23):
+    inner = _make_step()(lr_scale)
+
+    def step_fn(state, batch):
+      new, metrics = inner(state, batch)
+      skipped = (lr_scale == 1.0) & skip(new.step)
+      metrics = dict(metrics, loss=jnp.where(skipped, jnp.nan, metrics["loss"]), skipped=skipped.astype(jnp.float32))
+      return jax.tree.map(lambda a, b: jnp.where(skipped, b, a), new, state.replace(step=new.step)), metrics
+    return step_fn
+
+  final = _run(tmp_path / "one", _config(), make_step, total=30)     # one skipped update: no rollback
+  assert int(final.step) == 30 and not (tmp_path / "one" / loop.GUARD_RECORD).exists()
+  final = _run(tmp_path / "all", _config(), lambda s: make_step(s, lambda step: step > 20), total=30)
+  record = json.loads((tmp_path / "all" / loop.GUARD_RECORD).read_text())
+  assert record["rollbacks"] == 1 and "every update skipped" in record["events"][0]["problem"]
+
+
 def test_non_finite_metric_triggers_the_guard_too(tmp_path):
   def make_step(lr_scale):
     inner = _make_step()(lr_scale)
@@ -122,6 +140,9 @@ def test_too_many_rollbacks_stop_with_the_last_good_checkpoint(tmp_path):
     _run(tmp_path, _config(max_rollbacks=2), make_step, total=40)
   record = json.loads((tmp_path / loop.GUARD_RECORD).read_text())
   assert record["rollbacks"] == 2 and record["lr_scale"] == 0.25
+  # A rerun resumes from the good checkpoint; the diverged run's checkpoints are kept aside.
+  assert checkpoint.Checkpointer(str(tmp_path), max_to_keep=None).all_steps()[-1] == 20
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints_diverged")) == [25]
   # The state the user is told about is there and restorable.
   restored = checkpoint.Checkpointer(str(tmp_path), max_to_keep=None, subdir="checkpoints_good").restore(
       jax.eval_shape(_init), 20)
@@ -167,5 +188,8 @@ def test_a_checkpoint_of_another_shape_is_refused_not_moved(tmp_path):
   other = lambda: ToyState(jnp.zeros((), jnp.int32), jnp.ones((3,), jnp.float32))   # e.g. another device count
   with pytest.raises(checkpoint.CheckpointMismatchError, match=r"checkpoint 5 .*\(w has shape \(\), this run needs"):
     context.checkpointer.restore_or_initialize(other, sharding=context.replicated)
+  fewer = lambda: {"step": jnp.zeros((), jnp.int32)}       # e.g. a run without the replay buffer
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"it holds w, which this run has not"):
+    context.checkpointer.restore_or_initialize(fewer, sharding=context.replicated)
   context.checkpointer.close()
   assert (tmp_path / "checkpoints" / "5").is_dir() and not (tmp_path / "checkpoints_unreadable").exists()

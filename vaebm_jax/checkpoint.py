@@ -36,10 +36,11 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.delete(step)
 
-  def quarantine(self, step: int) -> str:
-    """Moves an unreadable checkpoint out of the way (to `<workdir>/checkpoints_unreadable/<step>`, kept for
-    inspection, never deleted) so that the previous one becomes the latest."""
-    dest = os.path.join(self.workdir, "checkpoints_unreadable", str(step))
+  def quarantine(self, step: int, folder: str = "checkpoints_unreadable") -> str:
+    """Moves a checkpoint out of the way (to `<workdir>/<folder>/<step>`, kept for inspection, never
+    deleted) so that the previous one becomes the latest."""
+    self.manager.wait_until_finished()
+    dest = os.path.join(self.workdir, folder, str(step))
     if os.path.exists(dest):
       shutil.rmtree(dest)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -84,51 +85,69 @@ class Checkpointer:
     fresh run. `sharding`: one sharding for every leaf, or a function from the state's shapes to a tree
     of shardings (e.g. a replay buffer sharded over the data axis).
 
-    An unreadable latest checkpoint (a torn write) is moved to `<workdir>/checkpoints_unreadable` and the
-    one before is tried; one that reads but does not fit the state (another device count or config)
-    raises `CheckpointMismatchError`."""
+    A latest checkpoint whose metadata does not read (a torn write) is moved to
+    `<workdir>/checkpoints_unreadable` and the one before is tried. One whose arrays do not fit the state
+    (another device count or config: structure, shapes, dtypes) raises `CheckpointMismatchError`; one that
+    fits but does not restore raises too — nothing is moved then, and a run that had checkpoints never
+    silently starts afresh."""
     shapes = jax.eval_shape(init_fn, *args)
     shardings = sharding(shapes) if callable(sharding) else jax.tree.map(lambda _: sharding, shapes)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    moved = []
     while (step := self.latest_step()) is not None:
-      mismatch = self._shape_mismatch(step, target)
+      mismatch = self._mismatch(step, target)
       if mismatch:
         raise CheckpointMismatchError(
             f"checkpoint {step} in {self.directory} does not fit this run ({mismatch}): it was written with "
             f"another config or device count; use the same ones, or another --workdir")
+      if mismatch is None:               # its metadata does not read: a torn write
+        if jax.process_count() > 1:      # every process would move it: leave it to the user
+          raise CheckpointMismatchError(f"checkpoint {step} in {self.directory} is unreadable; move it out of "
+                                        f"{self.directory} and rerun to resume from the one before")
+        moved.append(self.quarantine(step))
+        logging.warning("checkpoint %d in %s is unreadable (torn write); moved to %s, resuming from the one "
+                        "before", step, self.directory, moved[-1])
+        continue
       try:
         state = self.restore(target, step)
-        logging.info("Resumed from %s at step %d", self.directory, int(state.step))
-        return state
-      except Exception as e:   # noqa: BLE001 — a partial or corrupted write (kill -9, full disk, ...)
-        error = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-      if jax.process_count() > 1:   # every process would move it: leave it to the user
-        raise RuntimeError(f"checkpoint {step} in {self.directory} is unreadable ({error}); move it out of "
-                           f"{self.directory} and rerun to resume from the one before")
-      moved = self.quarantine(step)
-      logging.warning("checkpoint %d in %s is unreadable (%s); moved to %s, resuming from the one before",
-                      step, self.directory, error, moved)
+      except Exception as e:   # noqa: BLE001 — fits but does not read: say so, move nothing
+        raise CheckpointMismatchError(
+            f"checkpoint {step} in {self.directory} fits this run but does not restore ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}); if it is damaged, move it out of "
+            f"{self.directory} to resume from the one before") from e
+      logging.info("Resumed from %s at step %d", self.directory, int(state.step))
+      return state
+    if moved:
+      raise CheckpointMismatchError(f"no readable checkpoint left in {self.directory} (moved aside: "
+                                    f"{', '.join(moved)}); to start afresh, use another --workdir")
     return jax.jit(init_fn, out_shardings=shardings)(*args)
 
-  def _shape_mismatch(self, step: int, target: Any) -> Optional[str]:
-    """None if the saved state's metadata does not read, '' if its shapes fit `target`, else the first misfit."""
+  def _mismatch(self, step: int, target: Any) -> Optional[str]:
+    """None if the saved state's metadata does not read, '' if its arrays fit `target` (same leaves,
+    shapes and dtypes), else the first misfit."""
     try:
       with ocp.PyTreeCheckpointer() as reader:
         saved = reader.metadata(os.path.join(self.step_path(step), "state"))
       saved = getattr(saved, "item_metadata", saved)     # StepMetadata or TreeMetadata, by orbax version
       saved = getattr(saved, "tree", saved)
-      saved = {_path_str(p): tuple(m.shape) for p, m in
+      saved = {_path_str(p): (tuple(m.shape), str(getattr(m, "dtype", ""))) for p, m in
                jax.tree.leaves_with_path(saved, is_leaf=lambda x: hasattr(x, "shape"))}
     except Exception:   # noqa: BLE001
       return None
     if not saved:                     # a torn metadata file reads as an empty tree
       return None
-    for path, leaf in jax.tree.leaves_with_path(target):
-      key = _path_str(path)
+    wanted = {_path_str(p): leaf for p, leaf in jax.tree.leaves_with_path(target)}
+    for key, leaf in wanted.items():
       if key not in saved:
         return f"{key} is not in it"
-      if saved[key] != tuple(leaf.shape):
-        return f"{key} has shape {saved[key]}, this run needs {tuple(leaf.shape)}"
+      shape, dtype = saved[key]
+      if shape != tuple(leaf.shape):
+        return f"{key} has shape {shape}, this run needs {tuple(leaf.shape)}"
+      if dtype and dtype != str(leaf.dtype):
+        return f"{key} is {dtype}, this run needs {leaf.dtype}"
+    extra = sorted(set(saved) - set(wanted))
+    if extra:
+      return f"it holds {extra[0]}{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}, which this run has not"
     return ""
 
   def restore_config(self, step: Optional[int] = None) -> ml_collections.ConfigDict:

@@ -136,8 +136,13 @@ class Guard:
     self.history = {m: collections.deque(maxlen=settings.window) for m in settings.metrics}
 
   def check(self, step: int, metrics: dict[str, Any]) -> str | None:
-    """None if the step looks healthy, else what ran away (and the step's values join the history)."""
+    """None if the step looks healthy, else what ran away (and the step's values join the history).
+
+    A step whose update was skipped for a non-finite loss (`skipped` = 1: the state was kept) is not
+    judged here; `run` treats a whole check window of skipped updates as a divergence."""
     g = self.settings
+    if float(np.asarray(metrics.get("skipped", 0.0))) >= 1.0:
+      return None
     for name in g.metrics:
       if name not in metrics:
         continue
@@ -191,10 +196,24 @@ class _GoodCheckpoints:
         os.rename(tmp, dst)
       self.pending.remove(s)
     if jax.process_index() == 0:
-      for old in sorted(int(d) for d in os.listdir(self.store.directory) if d.isdigit())[:-self.settings.keep_good]:
+      kept = sorted(int(d) for d in os.listdir(self.store.directory) if d.isdigit())
+      for old in kept[:max(len(kept) - max(self.settings.keep_good, 1), 0)]:
         shutil.rmtree(self.store.step_path(old))
     parallel.sync("good_checkpoints")
     self.store.manager.reload()
+
+  def copy_to_rolling(self, step: int) -> None:
+    """Good checkpoint `step` back into the rolling ones (if retention removed it), so that a run killed
+    after a rollback resumes from it."""
+    rolling = self.context.checkpointer
+    dst = rolling.step_path(step)
+    if jax.process_index() == 0 and not os.path.exists(dst):
+      tmp = os.path.join(self.context.workdir, f".good_tmp_{step}")
+      shutil.rmtree(tmp, ignore_errors=True)
+      shutil.copytree(self.store.step_path(step), tmp, copy_function=_link_or_copy)
+      os.rename(tmp, dst)
+    parallel.sync("good_to_rolling")
+    rolling.manager.reload()
 
   def latest(self) -> int | None:
     self.store.manager.reload()
@@ -209,11 +228,11 @@ class _Signals:
   """SIGTERM / SIGINT set a flag that the loop reads at the next step boundary; a second one interrupts."""
   NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
-  def __init__(self):
-    self.received, self.previous = None, {}
+  def __init__(self, enabled: bool = True):
+    self.received, self.previous, self.enabled = None, {}, enabled
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if self.enabled and threading.current_thread() is threading.main_thread():
       for sig in self.NAMES:
         self.previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -281,7 +300,9 @@ def run(state: Any, make_step: Callable[[float], Callable[[Any, jax.Array], tupl
   logging.info("%s: steps %d → %d on %d devices", name, step, total_steps, context.mesh.size)
   history, unchecked = [], []          # metrics since the last log step / the last guard check
   previous = None                      # the previous step's metrics
-  with _Signals() as signals:
+  # Several processes: JAX's preemption service catches SIGTERM and every process learns of it at the
+  # same step through `reached_preemption`; a per-process handler would stop them at different steps.
+  with _Signals(enabled=jax.process_count() == 1) as signals:
     while step < total_steps:
       step += 1
       with jax.profiler.StepTraceAnnotation(name, step_num=step):
@@ -296,12 +317,17 @@ def run(state: Any, make_step: Callable[[float], Callable[[Any, jax.Array], tupl
         hook(step)
       log_now, save_now = due(step, t.log_every_steps, total_steps), due(step, t.checkpoint_every_steps, total_steps)
       if guard is not None and (log_now or save_now):
-        problem = next(filter(None, (guard.check(s, m) for s, m in jax.device_get(unchecked))), None)
+        window = jax.device_get(unchecked)
+        problem = next(filter(None, (guard.check(s, m) for s, m in window)), None)
+        if problem is None and window and all(float(np.asarray(m.get("skipped", 0.0))) >= 1.0 for _, m in window):
+          problem = f"steps {window[0][0]}–{window[-1][0]}: every update skipped for a non-finite loss"
         unchecked = []
         if problem is not None:
           state, step = _rollback(state, problem, record, good, context, settings, name)
           # The guard keeps its history: the steps up to the anomaly passed its checks.
           step_fn, batches, history = make_step(record["lr_scale"]), batches_from(step), []
+          hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=context.writer)] \
+              if jax.process_index() == 0 else []
           continue
         good.confirm_through(step)
       if log_now:
@@ -343,8 +369,16 @@ def _rollback(state, problem: str, record: dict, good: _GoodCheckpoints, context
                           f"--config.optim.learning_rate or raise --config.guard.tolerance")
   if record["rollbacks"] >= settings.max_rollbacks:
     _write_guard_record(context.workdir, record)
+    # A rerun (e.g. with a larger guard.max_rollbacks) resumes from the good checkpoint, not the diverged run.
+    if jax.process_index() == 0:
+      for s in context.checkpointer.all_steps():
+        if s > last_good:
+          context.checkpointer.quarantine(s, "checkpoints_diverged")
+    parallel.sync("diverged")
+    good.copy_to_rolling(last_good)
     raise DivergenceError(f"{name} diverged again ({problem}) after {record['rollbacks']} rollbacks "
-                          f"(guard.max_rollbacks); last good checkpoint: {where} (step {last_good})")
+                          f"(guard.max_rollbacks); last good checkpoint: {where} (step {last_good}); the "
+                          f"checkpoints after it are in {os.path.join(context.workdir, 'checkpoints_diverged')}")
   record["rollbacks"] += 1
   record["lr_scale"] *= settings.lr_factor
   restored = good.restore(state, last_good)
@@ -352,6 +386,7 @@ def _rollback(state, problem: str, record: dict, good: _GoodCheckpoints, context
     if s > last_good:                    # the diverging trajectory's checkpoints
       context.checkpointer.delete(s)
   good.pending = [s for s in good.pending if s <= last_good]
+  good.copy_to_rolling(last_good)
   _write_guard_record(context.workdir, record)
   logging.warning("%s diverged (%s): restored the good checkpoint of step %d, learning rate × %g from now on "
                   "(rollback %d of at most %d)", name, problem, last_good, record["lr_scale"], record["rollbacks"],
