@@ -57,3 +57,22 @@ def assert_elbo_matches_golden(d, mode: str, out, x) -> None:
     np.testing.assert_allclose(out.kl_diag[i], ref(f"kl_diag/{i}"), rtol=1e-5, atol=1e-4)
   recon = jnp.sum(distributions.NormalDecoder(out.logits).floored_log_prob(x), axis=(1, 2, 3))
   np.testing.assert_allclose(recon, ref("recon_log_prob"), rtol=1e-5)
+
+
+def restore_stage1(workdir):
+  """What stage 1 resumes from: the config, the model and the full train state restored into
+  create_train_state's shape (imports the loop modules only when called)."""
+  import functools
+
+  import jax
+
+  from vaebm_jax import checkpoint, train_vae
+  ckpt = checkpoint.Checkpointer(str(workdir), max_to_keep=None)
+  config = ckpt.restore_config()
+  model = train_vae.create_model(config)
+  tx, _ = train_vae.create_optimizer(config, 1, 1)
+  target = jax.eval_shape(functools.partial(train_vae.create_train_state, model, tx, image_shape=model.image_shape),
+                          jax.random.key(0))
+  state = ckpt.restore(target)
+  ckpt.close()
+  return config, model, state

@@ -36,7 +36,7 @@ def main():
   from jax.experimental import multihost_utils
 
   from configs import gaussians25_ebm, gaussians25_vae
-  from vaebm_jax import data, objectives, parallel, sampling, train_ebm, train_vae, workdir
+  from vaebm_jax import data, objectives, parallel, train_ebm, train_vae, workdir
 
   mesh = parallel.create_mesh()
   repl = parallel.replicated(mesh)
@@ -78,10 +78,7 @@ def main():
   out["stage2/local_batch"] = ds.batches[0]
   init = functools.partial(train_ebm.create_train_state, ebm, model, tx, buffer_capacity=8, buffer_shards=mesh.size)
   shapes = jax.eval_shape(init, jax.random.key(2), parallel.shard_batch(ds.batches[0], mesh))
-  shardings = shapes.replace(step=repl, params=jax.tree.map(lambda _: repl, shapes.params),
-                             opt_state=jax.tree.map(lambda _: repl, shapes.opt_state),
-                             spectral=jax.tree.map(lambda _: repl, shapes.spectral),
-                             buffer=sampling.buffer_shardings(shapes.buffer, mesh))
+  shardings = train_ebm.state_shardings(shapes, mesh)
   state = jax.jit(init, out_shardings=shardings)(jax.random.key(2), parallel.shard_batch(ds.batches[0], mesh))
   step = jax.jit(lambda s, b, k: train_ebm.train_step(s, b, k, vae=model, vae_variables=vae_variables, ebm=ebm, tx=tx,
                                                       settings=train_ebm.StepSettings.of(config), mesh=mesh),

@@ -12,8 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from tests.helpers import assert_elbo_matches_golden, golden, nchw_to_nhwc
-from vaebm_jax import checkpoint, import_nvae, torch_pickle, train_vae
+from tests.helpers import assert_elbo_matches_golden, golden, nchw_to_nhwc, restore_stage1
+from vaebm_jax import import_nvae, torch_pickle
 from vaebm_jax.models import nvae
 
 pytestmark = pytest.mark.slow   # converts the reference checkpoint through the CLI
@@ -33,19 +33,6 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=600)
 
 
-def _restore(workdir):
-  """What stage 1 resumes from: the config, and the full train state restored into create_train_state's shape."""
-  ckpt = checkpoint.Checkpointer(str(workdir), max_to_keep=None)
-  config = ckpt.restore_config()
-  model = train_vae.create_model(config)
-  tx, _ = train_vae.create_optimizer(config, 1, 1)
-  target = jax.eval_shape(functools.partial(train_vae.create_train_state, model, tx, image_shape=model.image_shape),
-                          jax.random.key(0))
-  state = ckpt.restore(target)
-  ckpt.close()
-  return config, model, state
-
-
 @pytest.fixture(scope="module")
 def loaded():
   _require_checkpoint()
@@ -59,7 +46,7 @@ def imported(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("import_nvae") / "cifar10_vae"
   proc = _cli(CHECKPOINT, workdir)
   assert proc.returncode == 0, proc.stderr
-  return (workdir, proc) + _restore(workdir)
+  return (workdir, proc) + restore_stage1(workdir)
 
 
 def _with_args(loaded, drop=(), **changes):

@@ -8,7 +8,6 @@ cells, 2 flows, saved by a 2-process train.py run. The workdir the importer writ
 official ELBO path (BN eval and train) and sampling path with its ε-gradient.
 """
 
-import functools
 import json
 import os
 
@@ -17,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import assert_elbo_matches_golden, nchw_to_nhwc
-from vaebm_jax import checkpoint, import_nvae, train_vae
+from tests.helpers import assert_elbo_matches_golden, nchw_to_nhwc, restore_stage1
+from vaebm_jax import import_nvae
 from vaebm_jax.models import nvae
 
 pytestmark = pytest.mark.slow   # imports and compiles a 64×64, 7-group NVAE (~30–50 s)
@@ -38,14 +37,7 @@ def imported(tmp_path_factory):
   """The checkpoint imported once, restored as stage 1 / stage 2 restore it: (workdir, config, model, state)."""
   workdir = tmp_path_factory.mktemp("import_second") / "celeba64_vae"
   assert import_nvae.import_checkpoint(CHECKPOINT, workdir) == 150
-  ckpt = checkpoint.Checkpointer(str(workdir), max_to_keep=None)
-  config = ckpt.restore_config()
-  model = train_vae.create_model(config)
-  tx, _ = train_vae.create_optimizer(config, 1, 1)
-  target = jax.eval_shape(functools.partial(train_vae.create_train_state, model, tx, image_shape=model.image_shape),
-                          jax.random.key(0))
-  state = ckpt.restore(target)
-  ckpt.close()
+  config, model, state = restore_stage1(workdir)
   return workdir, config, model, state
 
 

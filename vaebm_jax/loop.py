@@ -170,6 +170,14 @@ def _link_or_copy(src: str, dst: str) -> None:
     shutil.copy2(src, dst)
 
 
+def _link_checkpoint(src: str, dst: str, workdir: str) -> None:
+  """A committed checkpoint directory `src` as `dst` (hard links), appearing there only when complete."""
+  tmp = os.path.join(workdir, f".link_tmp_{os.path.basename(dst)}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.copytree(src, tmp, copy_function=_link_or_copy)
+  os.rename(tmp, dst)
+
+
 class _GoodCheckpoints:
   """`<workdir>/checkpoints_good`: rolling checkpoints promoted once the guard confirmed them."""
 
@@ -190,10 +198,7 @@ class _GoodCheckpoints:
     for s in ready:
       src, dst = self.context.checkpointer.step_path(s), self.store.step_path(s)
       if jax.process_index() == 0 and os.path.isdir(src) and not os.path.exists(dst):
-        tmp = os.path.join(self.context.workdir, f".good_tmp_{s}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp, copy_function=_link_or_copy)
-        os.rename(tmp, dst)
+        _link_checkpoint(src, dst, self.context.workdir)
       self.pending.remove(s)
     if jax.process_index() == 0:
       kept = sorted(int(d) for d in os.listdir(self.store.directory) if d.isdigit())
@@ -208,10 +213,7 @@ class _GoodCheckpoints:
     rolling = self.context.checkpointer
     dst = rolling.step_path(step)
     if jax.process_index() == 0 and not os.path.exists(dst):
-      tmp = os.path.join(self.context.workdir, f".good_tmp_{step}")
-      shutil.rmtree(tmp, ignore_errors=True)
-      shutil.copytree(self.store.step_path(step), tmp, copy_function=_link_or_copy)
-      os.rename(tmp, dst)
+      _link_checkpoint(self.store.step_path(step), dst, self.context.workdir)
     parallel.sync("good_to_rolling")
     rolling.manager.reload()
 

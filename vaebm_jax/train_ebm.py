@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from vaebm_jax import data, loop, objectives, optim, sampling
+from vaebm_jax import data, loop, objectives, optim, parallel, sampling
 from vaebm_jax import workdir as workdir_lib
 from vaebm_jax.models import nvae
 from vaebm_jax.models.energy import EnergyNet
@@ -90,6 +90,14 @@ def create_train_state(ebm: EnergyNet, vae: nvae.NVAE, tx, key: jax.Array, init_
   spectral = objectives.init_spectral_state(k_sr, variables.get("normalized_weights", {}), num_iter=40)
   buffer = sampling.init_replay_buffer(vae, buffer_capacity, buffer_shards) if buffer_capacity else None
   return EBMTrainState(jnp.zeros((), jnp.int32), variables["params"], tx.init(variables["params"]), spectral, buffer)
+
+
+def state_shardings(state: EBMTrainState, mesh: jax.sharding.Mesh) -> EBMTrainState:
+  """Replicated, but each device holds its own shard of the replay buffer (`sampling.buffer_shardings`)."""
+  repl = parallel.replicated(mesh)
+  buffer = None if state.buffer is None else sampling.buffer_shardings(state.buffer, mesh)
+  return state.replace(**{k: jax.tree.map(lambda _: repl, getattr(state, k))
+                          for k in ("step", "params", "opt_state", "spectral")}, buffer=buffer)
 
 
 # ---------------------------------------------------------------------------------------------- step
@@ -197,11 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> EBMTr
   # Statistics of the global init batch (all processes' shares), as the reference averages them over GPUs.
   capacity = config.buffer.capacity if config.buffer.use else 0   # per device, as the reference's per GPU
 
-  def shardings(state):   # replicated, but each device holds its own shard of the replay buffer
-    buffer = None if state.buffer is None else sampling.buffer_shardings(state.buffer, mesh)
-    return state.replace(**{k: jax.tree.map(lambda _: repl, getattr(state, k))
-                            for k in ("step", "params", "opt_state", "spectral")}, buffer=buffer)
-
+  shardings = functools.partial(state_shardings, mesh=mesh)
   state = run.checkpointer.restore_or_initialize(
       functools.partial(create_train_state, ebm, vae, tx, buffer_capacity=capacity, buffer_shards=mesh.size),
       init_key, run.shard(init_images), sharding=shardings)
