@@ -49,19 +49,22 @@ def run_stage(config: str, workdir: str, overrides: Sequence[str] = (), mode: st
 
 def host() -> dict[str, Any]:
   """CPU model and vector ISA of this host (timings differ up to 3× between the hosts we meet)."""
-  model, flags = platform.processor(), ""
+  info = {}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
-          model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
-          flags = line
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+        if key.strip() == "flags":
           break
   except OSError:
     pass
-  isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
-  return {"cpu": model, "isa": isa, "cores": os.cpu_count()}
+  model, flags = info.get("model name", platform.processor()), info.get("flags", "")
+  family_model = f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+  words = set(flags.split())
+  isa = "avx512" if "avx512f" in words else "avx2" if "avx2" in words else "other"
+  isa += "+amx" if "amx_tile" in words else ""
+  return {"cpu": model, "isa": isa, "cores": os.cpu_count(), "family_model": family_model}
 
 
 def write_result(name: str, out_dir: str, payload: dict[str, Any]) -> str:
