@@ -28,6 +28,7 @@ Writes `--out` (default experiments/results/benchmark.json) and prints one markd
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -70,10 +71,14 @@ flags.DEFINE_bool("reference", True, "also time the reference when $REFBENCH hol
 flags.DEFINE_string("out", os.path.join(common.RESULTS, "benchmark.json"), "JSON written at the end")
 flags.DEFINE_integer("repeats", 3, "our timed chains / steps after the compiling one")
 flags.DEFINE_integer("chain_steps", 2, "Langevin steps per timed chain of ours")
+flags.DEFINE_integer("batch", 0, "override every chosen row's batch size (both sides; 0: the row's)")
+flags.DEFINE_integer("devices", -2, "override our CPU device count (0: one per core; -2: the row's)")
 flags.DEFINE_string("table", None, "print the markdown table of this benchmark.json and exit")
 flags.DEFINE_string("worker", None, "internal: run our side of this row in this process and print JSON")
 flags.DEFINE_bool("count_flops", False, "internal: with --worker, only count the row's FLOPs (own process, so that "
                   "tracing the unrolled program does not count in the timed process's peak RSS)")
+flags.DEFINE_bool("remat", False, "ours: rematerialise the NVAE's cells in backward passes (model.remat_cells)")
+flags.DEFINE_string("profile", None, "with --worker: write a jax.profiler trace of the timed steps here")
 flags.DEFINE_string("conv_impl", "auto", "ours: auto | xla | fast_cpu")
 FLAGS = flags.FLAGS
 
@@ -109,6 +114,21 @@ def _flops(fn, *args):
   return float(cost.get("flops", float("nan")))
 
 
+def _temp_gb(compiled):
+  """XLA's temporary buffers of the compiled program (activations kept for the backward pass and the
+  like), GB per device."""
+  try:
+    return compiled.memory_analysis().temp_size_in_bytes / 1e9
+  except Exception:                        # not every backend reports it
+    return float("nan")
+
+
+def _profiled():
+  """`jax.profiler.trace` into `--profile` (a Perfetto trace too), or nothing."""
+  import jax
+  return jax.profiler.trace(FLAGS.profile, create_perfetto_trace=True) if FLAGS.profile else contextlib.nullcontext()
+
+
 def _time(compiled, args, repeats, out_of=lambda r: r):
   import jax
   times = []
@@ -126,7 +146,7 @@ def _stage2_models(dataset):
   from vaebm_jax import train_vae
   from vaebm_jax.workdir import create_ebm
   vae_cfg, ebm_cfg = _configs(dataset)
-  vae_cfg.model.conv_impl = FLAGS.conv_impl
+  vae_cfg.model.update(conv_impl=FLAGS.conv_impl, remat_cells=FLAGS.remat)
   ebm_cfg.ebm.conv_impl = FLAGS.conv_impl
   vae = train_vae.create_model(vae_cfg).clone(scan_groups=bool(ebm_cfg.get("vae_scan_groups", False)))
   x = jnp.zeros((1,) + tuple(vae.image_shape))
@@ -158,9 +178,12 @@ def ours_langevin(dataset, batch):
   t0 = time.perf_counter()
   compiled = jax.jit(chain).lower(jax.random.key(2), params).compile()
   compile_s = time.perf_counter() - t0
+  temp_gb = _temp_gb(compiled)
   jax.block_until_ready(compiled(jax.random.key(3), params))
-  times = [t / steps for t in _time(compiled, (jax.random.key(4), params), FLAGS.repeats)]
+  with _profiled():
+    times = [t / steps for t in _time(compiled, (jax.random.key(4), params), FLAGS.repeats)]
   return dict(devices=mesh.size, s_per_step=statistics.median(times), s_per_step_min=min(times), compile_s=compile_s,
+              xla_temp_gb=temp_gb,
               steps_timed=FLAGS.repeats * steps)
 
 
@@ -200,17 +223,19 @@ def ours_ebm(dataset, batch):
   compiled = jax.jit(step, in_shardings=(repl, sharded, repl, repl), out_shardings=(repl, repl),
                      donate_argnums=0).lower(state, x, jax.random.key(1), vae_variables).compile()
   compile_s = time.perf_counter() - t0
+  temp_gb = _temp_gb(compiled)
   state, metrics = compiled(state, x, jax.random.key(1), vae_variables)
   jax.block_until_ready(metrics)
   times = []
   for r in range(FLAGS.repeats):
     t0 = time.perf_counter()
-    state, metrics = compiled(state, x, jax.random.key(2 + r), vae_variables)
-    jax.block_until_ready(metrics)
+    with _profiled() if r == FLAGS.repeats - 1 else contextlib.nullcontext():
+      state, metrics = compiled(state, x, jax.random.key(2 + r), vae_variables)
+      jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   return dict(devices=mesh.size, batch=batch, langevin_steps=settings.chain.num_steps,
               s_per_step=statistics.median(times), s_per_step_min=min(times), compile_s=compile_s,
-              steps_timed=len(times), loss_finite=bool(np.isfinite(float(metrics["loss"]))))
+              xla_temp_gb=temp_gb, steps_timed=len(times), loss_finite=bool(np.isfinite(float(metrics["loss"]))))
 
 
 def ours_nvae(dataset, batch):
@@ -221,7 +246,7 @@ def ours_nvae(dataset, batch):
 
   from vaebm_jax import objectives, parallel, train_vae
   config, _ = _configs(dataset)
-  config.model.conv_impl = FLAGS.conv_impl
+  config.model.update(conv_impl=FLAGS.conv_impl, remat_cells=FLAGS.remat)
   batch = batch or config.train.batch_size
   mesh = parallel.create_mesh()
   parallel.check_batch_size(batch, mesh)
@@ -245,16 +270,18 @@ def ours_nvae(dataset, batch):
   compiled = jax.jit(step, in_shardings=(repl, sharded, repl), out_shardings=(repl, repl),
                      donate_argnums=0).lower(state, x, jax.random.key(1)).compile()
   compile_s = time.perf_counter() - t0
+  temp_gb = _temp_gb(compiled)
   state, metrics = compiled(state, x, jax.random.key(1))
   jax.block_until_ready(metrics)
   times = []
   for r in range(FLAGS.repeats):
     t0 = time.perf_counter()
-    state, metrics = compiled(state, x, jax.random.key(2 + r))
-    jax.block_until_ready(metrics)
+    with _profiled() if r == FLAGS.repeats - 1 else contextlib.nullcontext():
+      state, metrics = compiled(state, x, jax.random.key(2 + r))
+      jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   return dict(devices=mesh.size, batch=batch, s_per_step=statistics.median(times), s_per_step_min=min(times),
-              compile_s=compile_s, steps_timed=len(times),
+              compile_s=compile_s, xla_temp_gb=temp_gb, steps_timed=len(times),
               loss_finite=bool(np.isfinite(float(metrics["loss"]))),
               params=int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params))))
 
@@ -272,6 +299,7 @@ def matmul_peak():
 
 def worker(row):
   kind, dataset, batch, devices, _ = ROWS[row] if row in ROWS else ("matmul", None, 0, 1, None)
+  batch, devices = FLAGS.batch or batch, devices if FLAGS.devices == -2 else FLAGS.devices
   import jax
   if devices < 0:                          # the config's own CPU device count, as training uses it
     vae_cfg, ebm_cfg = _configs(dataset)
@@ -343,7 +371,8 @@ def run_reference(ref, row, batch, args):
 
 def run_ours(row):
   cmd = [sys.executable, os.path.abspath(__file__), f"--worker={row}", f"--repeats={FLAGS.repeats}",
-         f"--chain_steps={FLAGS.chain_steps}", f"--conv_impl={FLAGS.conv_impl}"]
+         f"--chain_steps={FLAGS.chain_steps}", f"--conv_impl={FLAGS.conv_impl}", f"--batch={FLAGS.batch}",
+         f"--devices={FLAGS.devices}", f"--remat={FLAGS.remat}"]
   out, rss, wall, foreign = _measure(cmd)
   result = dict(out, peak_rss_gb=rss, wall_s=wall, foreign_cpu_frac=foreign)
   if row in ROWS:
@@ -391,6 +420,7 @@ def main(_):
   result["matmul_gflops"] = run_ours("matmul")["matmul_gflops"]
   for name in FLAGS.rows:
     kind, dataset, batch, _, ref_args = ROWS[name]
+    batch = FLAGS.batch or batch
     row = {"kind": kind, "dataset": dataset, "batch": batch}
     print(f"=== {time.strftime('%H:%M:%S')} {name}", flush=True)
     if ref and ref_args:

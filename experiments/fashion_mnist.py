@@ -78,10 +78,12 @@ def main(_):
   fid = lambda images: classifier.classifier_fid(evaluate.to_unit_range(images, "clip"), ref_stats, fns)
 
   samples, sampling_time = {}, {}
+  cache = os.path.join(workdir, "sample_cache")    # finished batches: an interrupted run resumes here too
   for key, workdir_key, overrides in [("vae", "ebm", {"num_steps": 0}), ("vaebm", "ebm", {}),
                                       ("pixel_langevin", "ebm_pixel", {}), ("ebm_only", "ebm_noise", {})]:
     t0 = time.time()
-    samples[key] = evaluate.draw_samples(dirs[workdir_key], n, batch, FLAGS.seed, progress=False, **overrides)
+    samples[key] = evaluate.draw_samples(dirs[workdir_key], n, batch, FLAGS.seed, progress=False, cache_dir=cache,
+                                         **overrides)
     sampling_time[key] = time.time() - t0
   result = {f"fid_{k}": fid(v) for k, v in samples.items()}
 
@@ -90,7 +92,7 @@ def main(_):
   result["fid_by_steps"] = {}
   for k in steps:
     images = evaluate.draw_samples(dirs["ebm"], curve_n, min(500, curve_n), FLAGS.seed + 1, progress=False,
-                                   num_steps=k)
+                                   cache_dir=cache, num_steps=k)
     result["fid_by_steps"][str(k)] = fid(images)
   result.update(
       num_samples=n, curve_samples=curve_n,

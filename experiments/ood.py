@@ -52,6 +52,7 @@ def main(_):
   import jax
   import numpy as np
 
+  from vaebm_jax import evaluate
   from vaebm_jax.metrics import classifier, likelihood, ood
   from vaebm_jax.workdir import load_vaebm
 
@@ -73,11 +74,18 @@ def main(_):
   vae, ebm, params, _ = load_vaebm(ebm_dir)
   key = jax.random.key(FLAGS.seed)
   scores = {}
+  cache = os.path.join(workdir, "ood_cache")       # finished sets: an interrupted run resumes here
+  os.makedirs(cache, exist_ok=True)
   for name, images in sets.items():
-    s = likelihood.evaluate_log_likelihood(key, params["vae"], images, vae=vae, num_samples=k,
-                                           batch_size=min(100, n), chunk=min(10, k), ebm=ebm,
-                                           ebm_variables=params["ebm"])
-    scores[name] = {"vae": s["log_px"], "vaebm": s["log_h"], "energy": s["energy"]}
+    path = os.path.join(cache, f"{name}_{evaluate.fingerprint(params, images, k, FLAGS.seed)}.npz")
+    if not os.path.exists(path):
+      s = likelihood.evaluate_log_likelihood(key, params["vae"], images, vae=vae, num_samples=k,
+                                             batch_size=min(100, n), chunk=min(10, k), ebm=ebm,
+                                             ebm_variables=params["ebm"])
+      np.savez(path + ".tmp.npz", vae=s["log_px"], vaebm=s["log_h"], energy=s["energy"])
+      os.replace(path + ".tmp.npz", path)
+    with np.load(path) as f:
+      scores[name] = {m: f[m] for m in ("vae", "vaebm", "energy")}
   auroc = {name: {m: ood.auroc(scores["fashion_mnist_test"][m], scores[name][m]) for m in ("vae", "vaebm")}
            for name in sets if name != "fashion_mnist_test"}
   result = {

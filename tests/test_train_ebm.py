@@ -109,6 +109,24 @@ def test_sample_export_minmax_and_chosen_step(workdirs):
   assert not np.array_equal(latest, raw)              # step 3 and the latest step 6 are different EBMs
 
 
+def test_draw_samples_resumes_from_its_cache(workdirs, tmp_path):
+  root, _, _ = workdirs
+  plain = evaluate.draw_samples(str(root / "ebm"), 6, 2, step=3, progress=False)
+  cache = str(tmp_path / "cache")
+  np.testing.assert_array_equal(evaluate.draw_samples(str(root / "ebm"), 6, 2, step=3, progress=False,
+                                                      cache_dir=cache), plain)
+  (folder,) = os.listdir(cache)
+  batches = sorted(os.listdir(os.path.join(cache, folder)))
+  assert batches == ["00000.npy", "00001.npy", "00002.npy"]
+  os.remove(os.path.join(cache, folder, "00001.npy"))                   # interrupted before batch 1 was kept
+  np.save(os.path.join(cache, folder, "00002.npy"), np.zeros_like(plain[4:]))   # a kept batch is read, not redrawn
+  resumed = evaluate.draw_samples(str(root / "ebm"), 6, 2, step=3, progress=False, cache_dir=cache)
+  np.testing.assert_array_equal(resumed[:4], plain[:4])
+  assert not resumed[4:].any()
+  evaluate.draw_samples(str(root / "ebm"), 2, 2, progress=False, cache_dir=cache)   # other parameters: own folder
+  assert len(os.listdir(cache)) == 2
+
+
 def test_eval_mode_on_stage1_and_stage2_workdirs(workdirs):
   root, config, _ = workdirs
   ev = config.eval

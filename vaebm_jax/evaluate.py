@@ -92,12 +92,25 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.clip(images * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def fingerprint(*parts) -> str:
+  """A short hash of `parts` (arrays by their bytes, everything else by its repr)."""
+  import hashlib
+  h = hashlib.sha256()
+  for part in parts:
+    for leaf in jax.tree.leaves(part):
+      h.update(np.asarray(leaf).tobytes() if isinstance(leaf, (np.ndarray, jax.Array)) else repr(leaf).encode())
+  return h.hexdigest()[:16]
+
+
 def draw_samples(workdir: str, num_samples: int, batch_size: int, seed: int = 0, step: Optional[int] = None,
-                 progress: bool = True, **overrides) -> np.ndarray:
+                 progress: bool = True, cache_dir: Optional[str] = None, **overrides) -> np.ndarray:
   """`num_samples` VAEBM samples (float, unclipped decoder means) from a stage-2 workdir, in batches.
 
   `step` picks the stage-2 checkpoint (default: the latest); `overrides` replace `sample_fn` settings
-  (e.g. num_steps=0 for the VAE alone through the same decoder, space='pixel').
+  (e.g. num_steps=0 for the VAE alone through the same decoder, space='pixel'). With `cache_dir`,
+  every finished batch is kept there under a hash of the parameters, settings, seed and batch size,
+  and a rerun (after an interruption) draws only the batches still missing: batch i always uses
+  `fold_in(key(seed), i)`, so the result equals an uninterrupted draw.
   """
   from vaebm_jax import sampling
   from vaebm_jax.workdir import load_vaebm
@@ -106,10 +119,20 @@ def draw_samples(workdir: str, num_samples: int, batch_size: int, seed: int = 0,
   batch_size = min(batch_size, num_samples)
   draw = jax.jit(functools.partial(sampling.sample_fn, vae=vae, ebm=ebm, num_samples=batch_size, clip=False,
                                    **settings))
+  if cache_dir is not None:
+    cache_dir = os.path.join(cache_dir, fingerprint(params, sorted(settings.items()), seed, batch_size))
+    os.makedirs(cache_dir, exist_ok=True)
   key = jax.random.key(seed)
   images, start = [], time.time()
   for i in range(-(-num_samples // batch_size)):
+    path = None if cache_dir is None else os.path.join(cache_dir, f"{i:05d}.npy")
+    if path is not None and os.path.exists(path):
+      images.append(np.load(path))
+      continue
     images.append(np.asarray(draw(jax.random.fold_in(key, i), params)))
+    if path is not None:
+      np.save(path + ".tmp.npy", images[-1])
+      os.replace(path + ".tmp.npy", path)
     done = min((i + 1) * batch_size, num_samples)
     if progress:
       elapsed = time.time() - start

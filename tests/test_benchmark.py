@@ -1,0 +1,66 @@
+"""experiments/benchmark.py's driver: reading both sides' output, the reference through $REFBENCH, the table.
+(The timings themselves are the benchmark's business, never a test's.)"""
+
+import json
+import os
+import stat
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import benchmark  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _flags():
+  if not benchmark.FLAGS.is_parsed():
+    benchmark.FLAGS(["benchmark"])
+
+
+def test_reads_the_json_that_ends_either_side_output():
+  ours = "I1126 log line\n{not json either\n" + json.dumps({"s_per_step": 1.5}) + "\n"
+  assert benchmark._last_json(ours) == {"s_per_step": 1.5}
+  reference = "warning\n" + json.dumps({"sec_per_step": {"median": 2.0}, "task": "langevin"}, indent=1) + "\n"
+  assert benchmark._last_json(reference)["sec_per_step"] == {"median": 2.0}
+  with pytest.raises(ValueError):
+    benchmark._last_json("no result\n")
+
+
+def test_reference_runs_from_refbench_with_jemalloc_for_large_batches(tmp_path, monkeypatch):
+  for d in ("VAEBM", "NVAE", "venv/bin"):
+    (tmp_path / d).mkdir(parents=True)
+  python = tmp_path / "venv" / "bin" / "python"      # stands in for the reference's python: echoes what it got
+  python.write_text("#!/bin/sh\necho \"{\\\"sec_per_step\\\": {\\\"median\\\": 2.0, \\\"min\\\": 1.9},\"\n"
+                    "echo \"\\\"first_step_s\\\": 3.0, \\\"threads\\\": 2, \\\"args\\\": \\\"$*\\\", "
+                    "\\\"preload\\\": \\\"${LD_PRELOAD:-}\\\"}\"\n")
+  python.chmod(python.stat().st_mode | stat.S_IEXEC)
+  monkeypatch.setenv("REFBENCH", str(tmp_path))
+  ref = benchmark.reference_python()
+  if ref is None:
+    pytest.skip("../shared/refbench/refbench.py is not beside this checkout")
+  small = benchmark.run_reference(ref, "lg_c10_b4", 4, benchmark.ROWS["lg_c10_b4"][-1])
+  assert small["s_per_step"] == 2.0 and small["s_per_step_min"] == 1.9 and small["first_step_s"] == 3.0
+  assert small["peak_rss_gb"] > 0 and 0.0 <= small["foreign_cpu_frac"] <= 1.0 and not small["jemalloc"]
+  large = benchmark.run_reference(ref, "lg_c10_b16", 16, benchmark.ROWS["lg_c10_b16"][-1])
+  assert large["jemalloc"] == os.path.exists(benchmark.JEMALLOC)
+
+
+def test_table_states_ratio_share_of_peak_and_contention():
+  row = {"kind": "langevin", "batch": 4, "speedup": 2.0,
+         "reference": {"s_per_step": 2.0, "peak_rss_gb": 6.0, "foreign_cpu_frac": 0.0},
+         "ours": {"s_per_step": 1.0, "compile_s": 20.0, "peak_rss_gb": 3.0, "flops_per_step": 50e9,
+                  "foreign_cpu_frac": 0.25}}
+  result = {"host": {"cpu": "Test CPU", "isa": "avx2", "cores": 2}, "date": "today", "matmul_gflops": 100.0,
+            "rows": {"lg_c10_b4": row, "small_x": {"batch": 0, "ours": {"error": "boom"}}}}
+  lines = benchmark.table(result).splitlines()
+  assert "Test CPU (avx2, 2 cores)" in lines[0]
+  assert "| lg_c10_b4 | 4 | 2.000 | 1.000 | **2.00×** | 20.0 | 6.0 / 3.0 | 50 (50%) | 0% / 25% |" in lines
+  assert any(line.startswith("| small_x |") and "failed: boom" in line for line in lines)
+
+
+def test_unknown_row_is_one_line(capsys):
+  import subprocess
+  out = subprocess.run([sys.executable, benchmark.__file__, "--rows=lg_c10_b5"], capture_output=True, text=True)
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+      f"error: unknown rows ['lg_c10_b5']; choose from {', '.join(benchmark.ROWS)}"]
