@@ -17,6 +17,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   # The frozen NVAE's latent groups: False = separate modules, straight-line code (Langevin steps
   # faster on XLA:CPU, experiments/RESULTS.md); True = one nn.scan per scale (fastest compile).
   config.vae_scan_groups = False
+  # Rematerialise the frozen NVAE's cells in the Langevin gradient: far fewer stored activations for
+  # some 15 % more compute (experiments/RESULTS.md, issue 10). Off in every config, as in the reference.
+  config.vae_remat_cells = False
 
   config.data = data = ml_collections.ConfigDict()
   data.name = "cifar10"

@@ -62,7 +62,7 @@ def measure(name: str) -> dict:
                                            buffer_shards=1), jax.random.key(1), jnp.zeros(x.shape))
   step = jax.jit(lambda s, b, k, vv: train_ebm.train_step(s, b, k, vae=vae, vae_variables=vv, ebm=ebm, tx=tx,
                                                           settings=train_ebm.StepSettings.of(config), mesh=mesh),
-                 donate_argnums=0)
+                 donate_argnums=0, compiler_options=parallel.compiler_options(FLAGS.remat))
   t0 = time.time()
   compiled = step.lower(state, x, jax.random.key(2), vae_variables).compile()
   compile_s = time.time() - t0

@@ -12,12 +12,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import benchmark  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _flags():
-  if not benchmark.FLAGS.is_parsed():
-    benchmark.FLAGS(["benchmark"])
-
-
 def test_reads_the_json_that_ends_either_side_output():
   ours = "I1126 log line\n{not json either\n" + json.dumps({"s_per_step": 1.5}) + "\n"
   assert benchmark._last_json(ours) == {"s_per_step": 1.5}

@@ -127,6 +127,24 @@ def test_draw_samples_resumes_from_its_cache(workdirs, tmp_path):
   assert len(os.listdir(cache)) == 2
 
 
+def test_vae_remat_cells_gives_the_same_langevin_gradient(workdirs):
+  from vaebm_jax import parallel, sampling
+  root, config, state = workdirs
+  remat = config.copy_and_resolve_references()
+  remat.vae_remat_cells = True
+  grads = []
+  for cfg in (config, remat):
+    vae, variables, _, _ = workdir.load_stage1_of(str(root / "ebm"), cfg)
+    assert vae.remat_cells == cfg.vae_remat_cells
+    ebm = workdir.create_ebm(cfg)
+    params = {"vae": variables, "ebm": {"params": state.params}}
+    eps = sampling.initial_noise(jax.random.key(3), vae, 4)
+    grad = jax.jit(jax.grad(lambda e: sampling.potential_fn(e[0], e[1], params, vae=vae, ebm=ebm)[0].sum()),
+                   compiler_options=parallel.compiler_options(vae.remat_cells))
+    grads.append(jax.device_get(grad(eps)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
+
+
 def test_eval_mode_on_stage1_and_stage2_workdirs(workdirs):
   root, config, _ = workdirs
   ev = config.eval

@@ -112,13 +112,14 @@ def draw_samples(workdir: str, num_samples: int, batch_size: int, seed: int = 0,
   and a rerun (after an interruption) draws only the batches still missing: batch i always uses
   `fold_in(key(seed), i)`, so the result equals an uninterrupted draw.
   """
-  from vaebm_jax import sampling
+  from vaebm_jax import parallel, sampling
   from vaebm_jax.workdir import load_vaebm
   vae, ebm, params, settings = load_vaebm(workdir, step)
   settings = dict(settings, **overrides)
   batch_size = min(batch_size, num_samples)
   draw = jax.jit(functools.partial(sampling.sample_fn, vae=vae, ebm=ebm, num_samples=batch_size, clip=False,
-                                   **settings))
+                                   **settings),
+                 compiler_options=parallel.compiler_options(getattr(vae, "remat_cells", False)))
   if cache_dir is not None:
     cache_dir = os.path.join(cache_dir, fingerprint(params, sorted(settings.items()), seed, batch_size))
     os.makedirs(cache_dir, exist_ok=True)

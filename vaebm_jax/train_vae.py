@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from vaebm_jax import data, loop, objectives, optim
+from vaebm_jax import data, loop, objectives, optim, parallel
 from vaebm_jax import workdir as workdir_lib
 from vaebm_jax.models import nvae
 
@@ -181,7 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
     p_train_step = jax.jit(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule, settings=StepSettings.of(config),
                           total_steps=total_steps, alpha=alpha),
-        in_shardings=(state_sharding, sharded, repl), out_shardings=(state_sharding, repl), donate_argnums=0)
+        in_shardings=(state_sharding, sharded, repl), out_shardings=(state_sharding, repl), donate_argnums=0,
+        compiler_options=parallel.compiler_options(getattr(model, "remat_cells", False)))
     return lambda state, batch: p_train_step(state, batch, train_key)
   p_eval_step = jax.jit(functools.partial(eval_step, model=model), in_shardings=(repl, sharded, repl),
                         out_shardings=sharded)

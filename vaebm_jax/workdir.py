@@ -174,6 +174,14 @@ def read_stage1_record(workdir: str) -> Optional[dict[str, Any]]:
 
 
 def load_stage1_of(workdir: str, config: ml_collections.ConfigDict):
+  """`_load_stage1_of`, with the NVAE's cells rematerialised when `config.vae_remat_cells` is set."""
+  vae, variables, vae_config, record = _load_stage1_of(workdir, config)
+  if config.get("vae_remat_cells") and isinstance(vae, nvae.NVAE):
+    vae = vae.clone(remat_cells=True)        # same parameters; only the gradient's memory changes
+  return vae, variables, vae_config, record
+
+
+def _load_stage1_of(workdir: str, config: ml_collections.ConfigDict):
   """The stage-1 VAE that the stage-2 run in `workdir` was (or will be) trained on.
 
   A run that has started uses exactly the checkpoint of its `stage1.json` (path, step and architecture
