@@ -93,8 +93,9 @@ def main(argv):
 
 
 OUT_OF_MEMORY_HINT = ("lower --config.train.batch_size (or --config.sample.batch_size / --config.eval.batch_size "
-                      "when sampling or evaluating); stage 1 can also rematerialise its cells with "
-                      "--config.model.remat_cells=True; on CPU, fewer simulated devices "
+                      "when sampling or evaluating); the NVAE's cells can be rematerialised with "
+                      "--config.model.remat_cells=True (stage 1) or --config.vae_remat_cells=True (stage 2); "
+                      "on CPU, fewer simulated devices "
                       "(--config.cpu_devices=1) keep one copy of the model instead of several")
 
 
