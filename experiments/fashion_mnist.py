@@ -36,6 +36,8 @@ flags.DEFINE_enum("size", "full", ["full", "smoke"], "full: the RESULTS.md run; 
 flags.DEFINE_integer("seed", 0, "seed of every stage and of the sampling")
 flags.DEFINE_integer("num_samples", 10_000, "samples per model for the FIDs")
 flags.DEFINE_integer("curve_samples", 2000, "samples per point of the FID-vs-steps curve")
+flags.DEFINE_integer("sample_batch", 100, "chains drawn at once (500 needed ~16 GB for the ε-space chains' "
+                     "gradient through the NVAE here)")
 flags.DEFINE_string("curve_steps", "0,2,4,8,16,32", "test-time Langevin steps of the curve")
 flags.DEFINE_integer("noise_chain_steps", 60, "training chain steps of the short-run EBM from noise")
 flags.DEFINE_string("workdir", None, "where the stages train (default workdirs/claims/fashion_mnist[_smoke])")
@@ -71,7 +73,7 @@ def main(_):
     wall[key] = common.run_stage(ebm_config, dirs[key], [seed, f"vae_workdir={dirs['vae']}"] + overrides)
 
   n = 48 if smoke else FLAGS.num_samples
-  batch = min(500, n)
+  batch = min(FLAGS.sample_batch, n)
   reference, _ = classifier.labeled_images("fashion_mnist", "test")
   fns = classifier.make_classifier_fns(classifier.default_classifier("fashion_mnist"))
   ref_stats = classifier.classifier_statistics(reference, fns)
@@ -91,8 +93,8 @@ def main(_):
   steps = [0, 2] if smoke else [int(s) for s in FLAGS.curve_steps.split(",")]
   result["fid_by_steps"] = {}
   for k in steps:
-    images = evaluate.draw_samples(dirs["ebm"], curve_n, min(500, curve_n), FLAGS.seed + 1, progress=False,
-                                   cache_dir=cache, num_steps=k)
+    images = evaluate.draw_samples(dirs["ebm"], curve_n, min(FLAGS.sample_batch, curve_n), FLAGS.seed + 1,
+                                   progress=False, cache_dir=cache, num_steps=k)
     result["fid_by_steps"][str(k)] = fid(images)
   result.update(
       num_samples=n, curve_samples=curve_n,
