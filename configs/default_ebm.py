@@ -18,7 +18,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   # faster on XLA:CPU, experiments/RESULTS.md); True = one nn.scan per scale (fastest compile).
   config.vae_scan_groups = False
   # Rematerialise the frozen NVAE's cells in the Langevin gradient: far fewer stored activations for
-  # some 15 % more compute (experiments/RESULTS.md, issue 10). Off in every config, as in the reference.
+  # 3-14 % more time (experiments/RESULTS.md, issue 10). Off in every config, as in the reference.
   config.vae_remat_cells = False
 
   config.data = data = ml_collections.ConfigDict()
