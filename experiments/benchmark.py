@@ -129,12 +129,12 @@ def _profiled():
   return jax.profiler.trace(FLAGS.profile, create_perfetto_trace=True) if FLAGS.profile else contextlib.nullcontext()
 
 
-def _time(compiled, args, repeats, out_of=lambda r: r):
+def _time(compiled, args, repeats):
   import jax
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(out_of(compiled(*args)))
+    jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t0)
   return times
 
