@@ -86,13 +86,6 @@ FLAGS = flags.FLAGS
 # ---------------------------------------------------------------------------------------------- ours
 
 
-def _configs(name):
-  import importlib
-  vae = importlib.import_module(f"configs.{name}_vae").get_config()
-  ebm = importlib.import_module(f"configs.{name}_ebm").get_config()
-  return vae, ebm
-
-
 def _random_variables(init_fn, key):
   """Variables of `init_fn`'s shapes filled with small random weights (BN variances 1) without compiling
   `init` (minutes for the 130.7 M-parameter NVAE on XLA:CPU); speed does not depend on the values."""
@@ -139,13 +132,29 @@ def _time(compiled, args, repeats):
   return times
 
 
+def _time_steps(compiled, state, *args):
+  """One warm-up step, then `--repeats` timed steps of `compiled(state, *args, key)`, the last one profiled
+  with `--profile`. Returns (times, last metrics, final state)."""
+  import jax
+  state, metrics = compiled(state, *args, jax.random.key(1))
+  jax.block_until_ready(metrics)
+  times = []
+  for r in range(FLAGS.repeats):
+    t0 = time.perf_counter()
+    with _profiled() if r == FLAGS.repeats - 1 else contextlib.nullcontext():
+      state, metrics = compiled(state, *args, jax.random.key(2 + r))
+      jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  return times, metrics, state
+
+
 def _stage2_models(dataset):
   import jax
   import jax.numpy as jnp
 
   from vaebm_jax import train_vae
   from vaebm_jax.workdir import create_ebm
-  vae_cfg, ebm_cfg = _configs(dataset)
+  vae_cfg, ebm_cfg = common.stage_configs(dataset)
   vae_cfg.model.update(conv_impl=FLAGS.conv_impl, remat_cells=FLAGS.remat)
   ebm_cfg.ebm.conv_impl = FLAGS.conv_impl
   vae = train_vae.create_model(vae_cfg).clone(scan_groups=bool(ebm_cfg.get("vae_scan_groups", False)))
@@ -211,30 +220,22 @@ def ours_ebm(dataset, batch):
   vae_variables = jax.device_put(vae_variables, repl)
   settings = train_ebm.StepSettings.of(ebm_cfg)
 
-  def step(state, batch, key, vv, settings=settings):
+  def step(state, batch, vv, key, settings=settings):
     return train_ebm.train_step(state, batch, key, vae=vae, vae_variables=vv, ebm=ebm, tx=tx, settings=settings,
                                 mesh=mesh)
 
-  x = parallel.shard_batch(images, mesh)
+  x = args[1]
   if FLAGS.count_flops:
     unrolled = dataclasses.replace(settings, chain=dataclasses.replace(settings.chain, unroll=settings.chain.num_steps))
-    return dict(flops_per_step=_flops(lambda s, b, k, v: step(s, b, k, v, unrolled), state, x, jax.random.key(1),
-                                      vae_variables))
+    return dict(flops_per_step=_flops(lambda s, b, v, k: step(s, b, v, k, unrolled), state, x, vae_variables,
+                                      jax.random.key(1)))
   t0 = time.perf_counter()
   compiled = jax.jit(step, in_shardings=(repl, sharded, repl, repl), out_shardings=(repl, repl), donate_argnums=0,
                      compiler_options=parallel.compiler_options(FLAGS.remat)).lower(
-                         state, x, jax.random.key(1), vae_variables).compile()
+                         state, x, vae_variables, jax.random.key(1)).compile()
   compile_s = time.perf_counter() - t0
   temp_gb = _temp_gb(compiled)
-  state, metrics = compiled(state, x, jax.random.key(1), vae_variables)
-  jax.block_until_ready(metrics)
-  times = []
-  for r in range(FLAGS.repeats):
-    t0 = time.perf_counter()
-    with _profiled() if r == FLAGS.repeats - 1 else contextlib.nullcontext():
-      state, metrics = compiled(state, x, jax.random.key(2 + r), vae_variables)
-      jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
+  times, metrics, _ = _time_steps(compiled, state, x, vae_variables)
   return dict(devices=mesh.size, batch=batch, langevin_steps=settings.chain.num_steps,
               s_per_step=statistics.median(times), s_per_step_min=min(times), compile_s=compile_s,
               xla_temp_gb=temp_gb, steps_timed=len(times), loss_finite=bool(np.isfinite(float(metrics["loss"]))))
@@ -247,7 +248,7 @@ def ours_nvae(dataset, batch):
   import numpy as np
 
   from vaebm_jax import objectives, parallel, train_vae
-  config, _ = _configs(dataset)
+  config, _ = common.stage_configs(dataset)
   config.model.update(conv_impl=FLAGS.conv_impl, remat_cells=FLAGS.remat)
   batch = batch or config.train.batch_size
   mesh = parallel.create_mesh()
@@ -255,6 +256,8 @@ def ours_nvae(dataset, batch):
   model = train_vae.create_model(config)
   tx, schedule = train_vae.create_optimizer(config, steps_per_epoch=195, epochs=max(config.train.epochs, 1))
   repl, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
+  if FLAGS.count_flops:          # XLA counts a loop body once: count the NVAE with its groups unscanned
+    model = model.clone(scan_groups=False)
   init = functools.partial(train_vae.create_train_state, model, tx, image_shape=tuple(model.image_shape))
   state = jax.eval_shape(init, jax.random.key(0)) if FLAGS.count_flops else jax.jit(init, out_shardings=repl)(
       jax.random.key(0))
@@ -266,10 +269,7 @@ def ours_nvae(dataset, batch):
 
   x = parallel.shard_batch(np.random.default_rng(0).uniform(size=(batch,) + tuple(model.image_shape))
                            .astype(np.float32), mesh)
-  if FLAGS.count_flops:          # XLA counts a loop body once: count the NVAE with its groups unscanned
-    model = model.clone(scan_groups=False)
-    state = jax.eval_shape(functools.partial(train_vae.create_train_state, model, tx,
-                                             image_shape=tuple(model.image_shape)), jax.random.key(0))
+  if FLAGS.count_flops:
     return dict(flops_per_step=_flops(step, state, x, jax.random.key(1)))
   t0 = time.perf_counter()
   compiled = jax.jit(step, in_shardings=(repl, sharded, repl), out_shardings=(repl, repl), donate_argnums=0,
@@ -277,15 +277,7 @@ def ours_nvae(dataset, batch):
                          state, x, jax.random.key(1)).compile()
   compile_s = time.perf_counter() - t0
   temp_gb = _temp_gb(compiled)
-  state, metrics = compiled(state, x, jax.random.key(1))
-  jax.block_until_ready(metrics)
-  times = []
-  for r in range(FLAGS.repeats):
-    t0 = time.perf_counter()
-    with _profiled() if r == FLAGS.repeats - 1 else contextlib.nullcontext():
-      state, metrics = compiled(state, x, jax.random.key(2 + r))
-      jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
+  times, metrics, state = _time_steps(compiled, state, x)
   return dict(devices=mesh.size, batch=batch, s_per_step=statistics.median(times), s_per_step_min=min(times),
               compile_s=compile_s, xla_temp_gb=temp_gb, steps_timed=len(times),
               loss_finite=bool(np.isfinite(float(metrics["loss"]))),
@@ -308,7 +300,7 @@ def worker(row):
   batch, devices = FLAGS.batch or batch, devices if FLAGS.devices == -2 else FLAGS.devices
   import jax
   if devices < 0:                          # the config's own CPU device count, as training uses it
-    vae_cfg, ebm_cfg = _configs(dataset)
+    vae_cfg, ebm_cfg = common.stage_configs(dataset)
     devices = (vae_cfg if kind == "nvae" else ebm_cfg).get("cpu_devices", 0)
   jax.config.update("jax_num_cpu_devices", devices or os.cpu_count())
   if kind == "matmul":

@@ -28,6 +28,13 @@ def setup_devices(count: int) -> None:
     jax.config.update("jax_num_cpu_devices", count)
 
 
+def stage_configs(name: str):
+  """(stage-1 config, stage-2 config) of `configs/<name>_vae.py` and `configs/<name>_ebm.py`."""
+  import importlib
+  return (importlib.import_module(f"configs.{name}_vae").get_config(),
+          importlib.import_module(f"configs.{name}_ebm").get_config())
+
+
 def claims_workdir(name: str, smoke: bool, override: str | None = None) -> str:
   """`override`, or workdirs/claims/<name>[_smoke] under the repository."""
   return override or os.path.join(ROOT, "workdirs", "claims", name + ("_smoke" if smoke else ""))

@@ -38,16 +38,13 @@ FLAGS = flags.FLAGS
 
 
 def measure(name: str) -> dict:
-  import importlib
-
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   from vaebm_jax import parallel, train_ebm, workdir
 
-  vae_config = importlib.import_module(f"configs.{name}_vae").get_config()
-  config = importlib.import_module(f"configs.{name}_ebm").get_config()
+  vae_config, config = common.stage_configs(name)
   batch, hardware = CONFIGS[name]
   vae = workdir.create_vae(vae_config).clone(scan_groups=False, remat_cells=FLAGS.remat)   # as stage 2 loads it
   ebm = workdir.create_ebm(config, data_init=False)
