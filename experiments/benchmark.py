@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -80,6 +81,11 @@ flags.DEFINE_bool("count_flops", False, "internal: with --worker, only count the
 flags.DEFINE_bool("remat", False, "ours: rematerialise the NVAE's cells in backward passes (model.remat_cells)")
 flags.DEFINE_string("profile", None, "with --worker: write a jax.profiler trace of the timed steps here")
 flags.DEFINE_string("conv_impl", "auto", "ours: auto | xla | fast_cpu")
+flags.DEFINE_enum("reference_device", "cpu", ["cpu", "cuda"], "where the reference runs: cpu (refbench.py as it "
+                  "is) or cuda (through experiments/refbench_gpu.py, on a GPU beside ours)")
+flags.DEFINE_string("reference_python", None, "python with torch for the reference (default $REFBENCH/venv/bin/python)")
+flags.DEFINE_string("refbench", None, "path of refbench.py (default ../shared/refbench/refbench.py)")
+flags.DEFINE_bool("flops", True, "also count our rows' FLOPs with XLA (one more process per row)")
 FLAGS = flags.FLAGS
 
 
@@ -309,6 +315,11 @@ def worker(row):
     result = {"langevin": ours_langevin, "ebm": ours_ebm, "nvae": ours_nvae}[kind](dataset, batch)
     if not FLAGS.count_flops:
       result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+  device = jax.devices()[0]
+  result["device"] = device.device_kind if device.platform != "cpu" else "cpu"
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and "peak_bytes_in_use" in stats:
+    result["peak_device_gb"] = stats["peak_bytes_in_use"] / 1e9
   print(json.dumps(result), flush=True)
 
 
@@ -348,24 +359,31 @@ def _measure(cmd, env=None):
   return _last_json(text), usage.ru_maxrss / 1e6, wall, foreign
 
 
-def reference_python():
+def reference_python(python=None, script=None):
+  """(python, refbench.py, $REFBENCH) when the reference is set up, else None."""
   base = os.environ.get("REFBENCH", os.path.join(tempfile.gettempdir(), "refbench"))
-  py = os.path.join(base, "venv", "bin", "python")
-  script = os.path.join(ROOT, "..", "shared", "refbench", "refbench.py")
+  py = python or os.path.join(base, "venv", "bin", "python")
+  script = script or os.path.join(ROOT, "..", "shared", "refbench", "refbench.py")
+  py = shutil.which(py) or py
   ok = all(os.path.exists(p) for p in (py, script, os.path.join(base, "VAEBM"), os.path.join(base, "NVAE")))
   return (py, os.path.abspath(script), base) if ok else None
 
 
-def run_reference(ref, row, batch, args):
+def run_reference(ref, row, batch, args, device="cpu"):
   py, script, base = ref
   env = dict(os.environ, REFBENCH=base)
-  if batch >= 16 and os.path.exists(JEMALLOC):
-    env.update(LD_PRELOAD=JEMALLOC, MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
-  out, rss, wall, foreign = _measure([py, "-W", "ignore", script, *args, "--batch", str(batch)], env)
+  if device == "cuda":
+    script = [os.path.join(ROOT, "experiments", "refbench_gpu.py"), script]
+  else:
+    script = [script]
+    if batch >= 16 and os.path.exists(JEMALLOC):
+      env.update(LD_PRELOAD=JEMALLOC, MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
+  out, rss, wall, foreign = _measure([py, "-W", "ignore", *script, *args, "--batch", str(batch)], env)
   s = out.get("sec_per_step") or out.get("sec_per_iter") or out.get("total_step_s")
   return dict(s_per_step=s["median"], s_per_step_min=s["min"], first_step_s=out.get("first_step_s",
               out.get("first_iter_s")), peak_rss_gb=rss, wall_s=wall, foreign_cpu_frac=foreign,
-              jemalloc="LD_PRELOAD" in env, torch=out.get("torch"), threads=out.get("threads"))
+              jemalloc="LD_PRELOAD" in env, torch=out.get("torch"), threads=out.get("threads"),
+              device=out.get("gpu", "cpu"), peak_gpu_gb=out.get("peak_gpu_gb"))
 
 
 def run_ours(row):
@@ -374,29 +392,41 @@ def run_ours(row):
          f"--devices={FLAGS.devices}", f"--remat={FLAGS.remat}"]
   out, rss, wall, foreign = _measure(cmd)
   result = dict(out, peak_rss_gb=rss, wall_s=wall, foreign_cpu_frac=foreign)
-  if row in ROWS:
+  if row in ROWS and FLAGS.flops:
     result.update(_measure(cmd + ["--count_flops"])[0])
   return result
 
 
 def table(result) -> str:
-  lines = [f"Host: {result['host']['cpu']} ({result['host']['isa']}, {result['host']['cores']} cores), "
-           f"XLA fp32 matmul peak {result['matmul_gflops']:.0f} GFLOP/s; {result['date']}.", "",
-           "| row | batch | ref s/step | ours s/step | ours vs ref (speed) | ours compile s | peak RSS ref / ours GB "
+  rows = result["rows"].values()
+  accel = next((r["ours"]["device"] for r in rows if r.get("ours", {}).get("device", "cpu") != "cpu"), None)
+  where = (f"Accelerator: {accel} (ours); reference on {result.get('reference_device', 'cpu')}. Host: "
+           if accel else "Host: ")
+  memory = "peak GPU memory ref / ours GB" if accel else "peak RSS ref / ours GB"
+  lines = [f"{where}{result['host']['cpu']} ({result['host']['isa']}, {result['host']['cores']} cores), "
+           f"XLA {'default-precision' if accel else 'fp32'} matmul peak {result['matmul_gflops']:.0f} GFLOP/s; "
+           f"{result['date']}.", "",
+           f"| row | batch | ref s/step | ours s/step | ours vs ref (speed) | ours compile s | {memory} "
            "| ours GFLOP/s (% of matmul peak) | foreign CPU ref / ours |",
            "|---|---|---|---|---|---|---|---|---|"]
+  gb = lambda side, key: f"{side[key]:.1f}" if side and side.get(key) is not None else "–"
   for name, r in result["rows"].items():
     o, ref = r.get("ours", {}), r.get("reference")
     if "error" in o:
       lines.append(f"| {name} | | | failed: {o['error'][:80]} |||||")
       continue
-    gf = o["flops_per_step"] / o["s_per_step"] / 1e9
     ref_s = f"{ref['s_per_step']:.3f}" if ref else "–"
     ratio = f"**{r['speedup']:.2f}×**" if r.get("speedup") else "–"
-    rss = f"{ref['peak_rss_gb']:.1f} / {o['peak_rss_gb']:.1f}" if ref else f"– / {o['peak_rss_gb']:.1f}"
+    mem = (f"{gb(ref, 'peak_gpu_gb')} / {gb(o, 'peak_device_gb')}" if accel else
+           f"{gb(ref, 'peak_rss_gb')} / {gb(o, 'peak_rss_gb')}")
+    if "flops_per_step" in o:
+      gf = o["flops_per_step"] / o["s_per_step"] / 1e9
+      flops = f"{gf:.0f} ({gf / result['matmul_gflops']:.0%})"
+    else:
+      flops = "–"
     foreign = (f"{ref['foreign_cpu_frac']:.0%} / " if ref else "– / ") + f"{o['foreign_cpu_frac']:.0%}"
     lines.append(f"| {name} | {o.get('batch', r['batch'])} | {ref_s} | {o['s_per_step']:.3f} | {ratio} | "
-                 f"{o['compile_s']:.1f} | {rss} | {gf:.0f} ({gf / result['matmul_gflops']:.0%}) | {foreign} |")
+                 f"{o['compile_s']:.1f} | {mem} | {flops} | {foreign} |")
   return "\n".join(lines)
 
 
@@ -411,11 +441,11 @@ def main(_):
   unknown = sorted(set(FLAGS.rows) - set(ROWS))
   if unknown:
     sys.exit(f"error: unknown rows {unknown}; choose from {', '.join(ROWS)}")
-  ref = reference_python() if FLAGS.reference else None
+  ref = reference_python(FLAGS.reference_python, FLAGS.refbench) if FLAGS.reference else None
   if FLAGS.reference and ref is None:
     print("note: no reference in $REFBENCH (see ../shared/refbench/README.md): timing ours only", flush=True)
   result = {"host": common.host(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv),
-            "reference": bool(ref), "rows": {}}
+            "reference": bool(ref), "reference_device": FLAGS.reference_device, "rows": {}}
   result["matmul_gflops"] = run_ours("matmul")["matmul_gflops"]
   for name in FLAGS.rows:
     kind, dataset, batch, _, ref_args = ROWS[name]
@@ -423,7 +453,10 @@ def main(_):
     row = {"kind": kind, "dataset": dataset, "batch": batch}
     print(f"=== {time.strftime('%H:%M:%S')} {name}", flush=True)
     if ref and ref_args:
-      row["reference"] = run_reference(ref, name, batch, ref_args)
+      try:
+        row["reference"] = run_reference(ref, name, batch, ref_args, FLAGS.reference_device)
+      except RuntimeError as e:
+        row["reference_error"] = str(e)
     try:
       row["ours"] = run_ours(name)
     except RuntimeError as e:

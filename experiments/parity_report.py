@@ -24,9 +24,9 @@ def main(_):
   import jax
   import jax.numpy as jnp
 
-  from tests.helpers import golden_nvae, nchw_to_nhwc
+  from tests.helpers import golden_variables, nchw_to_nhwc
   from vaebm_jax import sampling
-  from vaebm_jax.models import distributions, nvae, torch_import
+  from vaebm_jax.models import distributions, nvae
   from vaebm_jax.models.energy import EnergyNet
 
   d = np.load(FLAGS.golden)
@@ -36,9 +36,7 @@ def main(_):
     ours, theirs = np.asarray(ours), np.asarray(theirs)
     rows.append(f"| {name} | {impl} | {np.abs(ours - theirs).max():.2e} | {np.abs(theirs).max():.3g} |")
 
-  base = golden_nvae(d)
-  vv = torch_import.nvae_variables_from_torch({k[5:]: d[k] for k in d.files if k.startswith("nvae/")}, base)
-  ev = torch_import.convert_state_dict({k[4:]: d[k] for k in d.files if k.startswith("ebm/")})
+  base, vv, ev = golden_variables(d)
   for impl in ("xla", "fast_cpu"):
     model = base.clone(conv_impl=impl)
     x = nchw_to_nhwc(d["elbo/in/x"])

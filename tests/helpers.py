@@ -38,6 +38,15 @@ def golden_nvae(d) -> NVAE:
               use_se=args["use_se"], res_dist=args["res_dist"], arch_instance=args["arch_instance"])
 
 
+def golden_variables(d):
+  """(the golden file's NVAE module, its variables, the energy network's variables) in our layout."""
+  from vaebm_jax.models import torch_import
+  base = golden_nvae(d)
+  vv = torch_import.nvae_variables_from_torch({k[5:]: d[k] for k in d.files if k.startswith("nvae/")}, base)
+  ev = torch_import.convert_state_dict({k[4:]: d[k] for k in d.files if k.startswith("ebm/")})
+  return base, vv, ev
+
+
 def nchw_to_nhwc(a):
   return np.asarray(a).transpose(0, 2, 3, 1)
 

@@ -40,6 +40,38 @@ def test_reference_runs_from_refbench_with_jemalloc_for_large_batches(tmp_path, 
   assert large["jemalloc"] == os.path.exists(benchmark.JEMALLOC)
 
 
+def test_reference_on_a_gpu_runs_through_the_wrapper_without_jemalloc(tmp_path, monkeypatch):
+  for d in ("VAEBM", "NVAE"):
+    (tmp_path / d).mkdir()
+  script = tmp_path / "refbench.py"
+  script.write_text("")
+  python = tmp_path / "python3"                      # a GPU image's python with torch: echoes what it got
+  python.write_text("#!/bin/sh\necho \"{\\\"sec_per_step\\\": {\\\"median\\\": 0.2, \\\"min\\\": 0.1},\"\n"
+                    "echo \"\\\"peak_gpu_gb\\\": 3.5, \\\"gpu\\\": \\\"Test GPU\\\", \\\"args\\\": \\\"$*\\\", "
+                    "\\\"preload\\\": \\\"${LD_PRELOAD:-}\\\"}\"\n")
+  python.chmod(python.stat().st_mode | stat.S_IEXEC)
+  monkeypatch.setenv("REFBENCH", str(tmp_path))
+  assert benchmark.reference_python(str(tmp_path / "missing"), str(script)) is None
+  ref = benchmark.reference_python(str(python), str(script))
+  assert ref == (str(python), str(script), str(tmp_path))
+  out = benchmark.run_reference(ref, "lg_c10_b16", 16, benchmark.ROWS["lg_c10_b16"][-1], device="cuda")
+  assert out["s_per_step"] == 0.2 and out["device"] == "Test GPU" and out["peak_gpu_gb"] == 3.5
+  assert not out["jemalloc"]
+
+
+def test_table_of_an_accelerator_reports_device_memory():
+  row = {"kind": "langevin", "batch": 16, "speedup": 2.0,
+         "reference": {"s_per_step": 0.2, "peak_gpu_gb": 11.6, "peak_rss_gb": 2.5, "foreign_cpu_frac": 0.0},
+         "ours": {"s_per_step": 0.1, "compile_s": 35.0, "peak_rss_gb": 6.7, "peak_device_gb": 4.9,
+                  "device": "Test GPU", "foreign_cpu_frac": 0.0}}
+  result = {"host": {"cpu": "Host CPU", "isa": "avx2", "cores": 16}, "date": "today", "matmul_gflops": 1000.0,
+            "reference_device": "cuda", "rows": {"lg_c10_b16": row}}
+  lines = benchmark.table(result).splitlines()
+  assert lines[0].startswith("Accelerator: Test GPU (ours); reference on cuda.")
+  assert "peak GPU memory ref / ours GB" in lines[2]
+  assert "| lg_c10_b16 | 16 | 0.200 | 0.100 | **2.00×** | 35.0 | 11.6 / 4.9 | – | 0% / 0% |" in lines
+
+
 def test_table_states_ratio_share_of_peak_and_contention():
   row = {"kind": "langevin", "batch": 4, "speedup": 2.0,
          "reference": {"s_per_step": 2.0, "peak_rss_gb": 6.0, "foreign_cpu_frac": 0.0},

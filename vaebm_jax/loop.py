@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 
 from vaebm_jax import checkpoint, parallel, visualize
 from vaebm_jax.errors import DivergenceError, Preempted  # noqa: F401  (also re-exported from here)
@@ -96,6 +95,9 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """The mesh over all devices (checking the global batch divides), the metric writer and checkpointer."""
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.train.batch_size, mesh)
+  # clu is imported here, not at the top: its writers import TensorFlow, which the train steps
+  # (benchmarks, notebooks on accelerator images without TensorFlow) do not need.
+  from clu import metric_writers
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams(flatten_config(config))
   return Run(workdir, config, mesh, writer, checkpoint.Checkpointer(workdir, config.train.keep_checkpoints))
@@ -295,6 +297,7 @@ def run(state: Any, make_step: Callable[[float], Callable[[Any, jax.Array], tupl
   if record["lr_scale"] != 1.0:
     logging.warning("%s: learning rate × %g after %d rollbacks (%s)", name, record["lr_scale"], record["rollbacks"],
                     os.path.join(context.workdir, GUARD_RECORD))
+  from clu import periodic_actions
   step = int(state.step)
   batches = batches_from(step)
   hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=context.writer)] \
