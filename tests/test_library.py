@@ -28,6 +28,19 @@ def test_shipped_stacked_digits_model_samples_out_of_the_box(tmp_path):
 
 
 @pytest.mark.slow
+def test_shipped_fashion_mnist_model_samples_out_of_the_box():
+  vae, ebm, params, settings = load_vaebm(workdir.pretrained("fashion_mnist"))
+  assert tuple(vae.image_shape) == (32, 32, 1)
+  draw = jax.jit(functools.partial(sample_fn, vae=vae, ebm=ebm, num_samples=4, **dict(settings, num_steps=2)))
+  images = np.asarray(draw(jax.random.key(0), params))
+  assert images.shape == (4, 32, 32, 1) and 0.0 <= images.min() and images.max() <= 1.0
+  # garments on black: a dark border, a brighter middle, and contrast within every image
+  border = np.concatenate([images[:, :3].reshape(4, -1), images[:, -3:].reshape(4, -1)], axis=1).mean(axis=1)
+  middle = images[:, 10:22, 10:22].reshape(4, -1).mean(axis=1)
+  assert (border < middle).all() and (images.reshape(4, -1).std(axis=1) > 0.1).all(), (border, middle)
+
+
+@pytest.mark.slow
 def test_import_and_draw_need_neither_tensorflow_nor_clu(tmp_path):
   script = tmp_path / "draw.py"
   script.write_text(f"""
