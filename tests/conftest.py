@@ -35,3 +35,10 @@ GOLDEN = os.path.join(ROOT, "..", "shared", "reference", "vaebm_small_golden.npz
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: a long end-to-end test (minutes), e.g. executing a notebook")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Files holding slow tests first: with `-n 2 --dist loadfile` a file runs on one worker, and a slow file
+  handed out last leaves the other worker idle for minutes at the end of the suite."""
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)        # stable: order within a file unchanged
