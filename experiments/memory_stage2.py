@@ -33,7 +33,8 @@ CONFIGS = {   # name: (per-device batch, the reference's hardware)
 }
 flags.DEFINE_string("config", None, "one of CONFIGS; default: all, each in its own process")
 flags.DEFINE_string("out", common.RESULTS, "where memory_stage2.json goes")
-flags.DEFINE_bool("remat", False, "rematerialise the NVAE's cells in the Langevin gradient (model.remat_cells)")
+flags.DEFINE_bool("remat", None, "rematerialise the NVAE's cells in the Langevin gradient (model.remat_cells); "
+                  "default: the config's vae_remat_cells")
 FLAGS = flags.FLAGS
 
 
@@ -46,7 +47,8 @@ def measure(name: str) -> dict:
 
   vae_config, config = common.stage_configs(name)
   batch, hardware = CONFIGS[name]
-  vae = workdir.create_vae(vae_config).clone(scan_groups=False, remat_cells=FLAGS.remat)   # as stage 2 loads it
+  remat = bool(config.get("vae_remat_cells", False)) if FLAGS.remat is None else FLAGS.remat
+  vae = workdir.create_vae(vae_config).clone(scan_groups=False, remat_cells=remat)   # as stage 2 loads it
   ebm = workdir.create_ebm(config, data_init=False)
   tx = train_ebm.create_optimizer(config)
   mesh = parallel.create_mesh(jax.devices()[:1])
@@ -59,7 +61,7 @@ def measure(name: str) -> dict:
                                            buffer_shards=1), jax.random.key(1), jnp.zeros(x.shape))
   step = jax.jit(lambda s, b, k, vv: train_ebm.train_step(s, b, k, vae=vae, vae_variables=vv, ebm=ebm, tx=tx,
                                                           settings=train_ebm.StepSettings.of(config), mesh=mesh),
-                 donate_argnums=0, compiler_options=parallel.compiler_options(FLAGS.remat))
+                 donate_argnums=0, compiler_options=parallel.compiler_options(remat))
   t0 = time.time()
   compiled = step.lower(state, x, jax.random.key(2), vae_variables).compile()
   compile_s = time.time() - t0
@@ -70,7 +72,7 @@ def measure(name: str) -> dict:
                             mem.alias_size_in_bytes)
   return {
       "config": name, "per_device_batch": batch, "langevin_train_steps": config.langevin.train_steps,
-      "buffer_entries_per_device": capacity, "reference_hardware": hardware,
+      "buffer_entries_per_device": capacity, "reference_hardware": hardware, "vae_remat_cells": remat,
       "state_gib": {"nvae_params_and_bn": gb(size(vae_variables)), "ebm_params": gb(size(state.params)),
                     "optimizer": gb(size(state.opt_state)), "replay_buffer": gb(size(state.buffer))},
       "compiled_gib": {"arguments": gb(args), "outputs": gb(out), "aliased": gb(alias), "temporaries": gb(temp),
@@ -87,7 +89,8 @@ def main(_):
     return
   results = []
   for name in CONFIGS:
-    proc = subprocess.run([sys.executable, __file__, f"--config={name}"], capture_output=True, text=True,
+    remat = [] if FLAGS.remat is None else [f"--remat={FLAGS.remat}"]
+    proc = subprocess.run([sys.executable, __file__, f"--config={name}"] + remat, capture_output=True, text=True,
                           cwd=common.ROOT)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
