@@ -35,7 +35,9 @@ from experiments import common  # noqa: E402
 flags.DEFINE_enum("size", "full", ["full", "smoke"], "full: the RESULTS.md run; smoke: a few steps")
 flags.DEFINE_integer("seed", 0, "seed of every stage and of the sampling")
 flags.DEFINE_integer("num_samples", 10_000, "samples per model for the FIDs")
-flags.DEFINE_integer("curve_samples", 2000, "samples per point of the FID-vs-steps curve")
+flags.DEFINE_integer("curve_samples", 1000, "samples per point of the FID-vs-steps curve (the first of the main "
+                     "draw's chains: same seed, so every point starts from the same ε and the 0- and test-step "
+                     "points reuse the main draw's batches)")
 flags.DEFINE_integer("sample_batch", 100, "chains drawn at once (500 needed ~16 GB for the ε-space chains' "
                      "gradient through the NVAE here)")
 flags.DEFINE_string("curve_steps", "0,2,4,8,16,32", "test-time Langevin steps of the curve")
@@ -93,7 +95,7 @@ def main(_):
   steps = [0, 2] if smoke else [int(s) for s in FLAGS.curve_steps.split(",")]
   result["fid_by_steps"] = {}
   for k in steps:
-    images = evaluate.draw_samples(dirs["ebm"], curve_n, min(FLAGS.sample_batch, curve_n), FLAGS.seed + 1,
+    images = evaluate.draw_samples(dirs["ebm"], curve_n, min(FLAGS.sample_batch, curve_n), FLAGS.seed,
                                    progress=False, cache_dir=cache, num_steps=k)
     result["fid_by_steps"][str(k)] = fid(images)
   result.update(
