@@ -35,6 +35,8 @@ GOLDEN = os.path.join(ROOT, "..", "shared", "reference", "vaebm_small_golden.npz
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: a long end-to-end test (minutes), e.g. executing a notebook")
+  if hasattr(config.option, "loadscopereorder"):   # pytest-xdist: hand out files in the order below, not by
+    config.option.loadscopereorder = False       # their number of tests
 
 
 def pytest_collection_modifyitems(config, items):
