@@ -1,7 +1,8 @@
 #!/bin/bash
 # Issue 10's accelerator checks, in one call of a lent GPU machine (which reaches no package index):
 #   1. float32 precision of the sampler there (experiments/gpu_precision.py),
-#   2. experiments/benchmark.py there, ours beside the reference run on the same GPU
+#   2. (STAGES=memory) CelebA-HQ 256's stage-2 step memory as XLA:GPU compiles it, remat on and off,
+#   3. experiments/benchmark.py there, ours beside the reference run on the same GPU
 #      (experiments/refbench_gpu.py).
 # Everything the machine lacks travels in $CARRY (ignored by git, named in the call's `carry`):
 #   $CARRY/whl/*.whl            ml_collections and clu (pure-Python wheels; jax, flax, optax, torch are there)
@@ -9,7 +10,8 @@
 #   $CARRY/shared/reference/    ../shared/reference (the golden file), if ../shared is not beside the checkout
 # Results land in $OUT (precision.json, benchmark.json, logs). Each stage has its own time limit, and a
 # stage that fails does not stop the next. Environment: OUT, CARRY (.devcarry), PY (python3), ROWS,
-# PRECISION_S (150), BENCH_S (380), REF_DEVICE (cuda), STAGES ('precision benchmark').
+# PRECISION_S (150), MEMORY_S (240 each), BENCH_S (380), REF_DEVICE (cuda), STAGES ('precision benchmark';
+# the next lease: 'precision memory benchmark').
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 CARRY=${CARRY:-.devcarry}
@@ -31,6 +33,14 @@ echo "=== precision"
 timeout "${PRECISION_S:-150}" $PY experiments/gpu_precision.py --out="$OUT/precision.json" > "$OUT/precision.log" 2>&1
 echo "precision exit $?"
 grep -A8 "^Device:" "$OUT/precision.log" || tail -n 15 "$OUT/precision.log"
+fi
+
+if [[ " $STAGES " == *" memory "* ]]; then
+echo "=== memory"     # CelebA-HQ 256's stage-2 step compiled by XLA:GPU, with and without remat of the NVAE's cells
+for remat in --remat --noremat; do
+  timeout "${MEMORY_S:-240}" $PY experiments/memory_stage2.py --config=celebahq256 $remat > "$OUT/memory$remat.log" 2>&1
+  echo "memory $remat exit $?"; grep "^RESULT" "$OUT/memory$remat.log" | cut -c1-600
+done
 fi
 
 [[ " $STAGES " == *" benchmark "* ]] || exit 0
