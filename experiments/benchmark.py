@@ -415,7 +415,7 @@ def table(result) -> str:
     if "error" in o:
       lines.append(f"| {name} | | | failed: {o['error'][:80]} |||||")
       continue
-    ref_s = f"{ref['s_per_step']:.3f}" if ref else "–"
+    ref_s = f"{ref['s_per_step']:.3f}" if ref else ("failed" if "reference_error" in r else "–")
     ratio = f"**{r['speedup']:.2f}×**" if r.get("speedup") else "–"
     mem = (f"{gb(ref, 'peak_gpu_gb')} / {gb(o, 'peak_device_gb')}" if accel else
            f"{gb(ref, 'peak_rss_gb')} / {gb(o, 'peak_rss_gb')}")

@@ -88,8 +88,8 @@ def main(_):
     print("RESULT " + json.dumps(measure(FLAGS.config)), flush=True)
     return
   results = []
+  remat = [] if FLAGS.remat is None else [f"--remat={FLAGS.remat}"]
   for name in CONFIGS:
-    remat = [] if FLAGS.remat is None else [f"--remat={FLAGS.remat}"]
     proc = subprocess.run([sys.executable, __file__, f"--config={name}"] + remat, capture_output=True, text=True,
                           cwd=common.ROOT)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

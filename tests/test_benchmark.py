@@ -70,6 +70,10 @@ def test_table_of_an_accelerator_reports_device_memory():
   assert lines[0].startswith("Accelerator: Test GPU (ours); reference on cuda.")
   assert "peak GPU memory ref / ours GB" in lines[2]
   assert "| lg_c10_b16 | 16 | 0.200 | 0.100 | **2.00×** | 35.0 | 11.6 / 4.9 | – | 0% / 0% |" in lines
+  failed = dict(row, reference_error="boom")
+  del failed["reference"], failed["speedup"]
+  lines = benchmark.table(dict(result, rows={"ebm_c10_b4": failed})).splitlines()
+  assert any(line.startswith("| ebm_c10_b4 | 16 | failed | 0.100 | – |") for line in lines), lines
 
 
 def test_table_states_ratio_share_of_peak_and_contention():

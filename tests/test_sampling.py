@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from tests.helpers import golden, golden_nvae, nchw_to_nhwc, tiny_nvae
+from tests.helpers import golden, golden_variables, nchw_to_nhwc, tiny_nvae
 from vaebm_jax import optim, parallel, sampling
 from vaebm_jax.models import torch_import
 from vaebm_jax.models.energy import EnergyNet
@@ -169,9 +169,8 @@ def test_summary_counts_grayscale_energy_nets_with_one_input_channel():
 
 def test_energy_and_potential_match_official_implementation():
   d = golden()
-  vae = golden_nvae(d)
-  params = {"vae": torch_import.nvae_variables_from_torch({k[5:]: d[k] for k in d.files if k.startswith("nvae/")}, vae),
-            "ebm": torch_import.convert_state_dict({k[4:]: d[k] for k in d.files if k.startswith("ebm/")})}
+  vae, vae_variables, ebm_variables = golden_variables(d)
+  params = {"vae": vae_variables, "ebm": ebm_variables}
   ebm = EnergyNet("cifar10", int(d["meta/ebm_channels"]), data_init=False)
   x = nchw_to_nhwc(d["in/x_data"])
   torch_import.check_against(params["ebm"], jax.eval_shape(ebm.init, jax.random.key(0), x))
