@@ -9,7 +9,8 @@ setup(
                 "VAE's noise space, in JAX/Flax",
     packages=find_packages(include=["vaebm_jax", "vaebm_jax.*", "configs"]),
     package_data={"vaebm_jax.metrics": ["weights/*.npz"],    # the small-dataset classifiers (metrics.classifier)
-                  "vaebm_jax": ["pretrained/**/*"]},         # shipped models (workdir.pretrained)
+                  "vaebm_jax": ["pretrained/**/*"],          # shipped models (workdir.pretrained)
+                  "vaebm_jax.models": ["csrc/*.cc"]},        # the native CPU kernel, built on first use
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.8",

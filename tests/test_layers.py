@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vaebm_jax.models import layers
+from vaebm_jax import parallel
+from vaebm_jax.models import layers, native
 from vaebm_jax.models.nvae import CellAR
 
 CASES = [  # (name, x shape, kernel shape, stride, padding, groups)
@@ -20,6 +21,8 @@ CASES = [  # (name, x shape, kernel shape, stride, padding, groups)
     ("depthwise5x5_batch8", (8, 16, 16, 64), (5, 5, 1, 64), 1, 2, 64),
     ("depthwise5x5_nonsquare", (2, 5, 9, 7), (5, 5, 1, 7), 1, 2, 7),
     ("depthwise3x3", (2, 6, 6, 8), (3, 3, 1, 8), 1, 1, 8),
+    ("depthwise7x7_tail_channels", (1, 9, 8, 40), (7, 7, 1, 40), 1, 3, 40),
+    ("depthwise5x5_smaller_than_kernel", (2, 3, 2, 20), (5, 5, 1, 20), 1, 2, 20),
     ("pointwise_expand6", (4, 8, 8, 16), (1, 1, 16, 96), 1, 0, 1),
 ]
 
@@ -57,6 +60,54 @@ def test_fast_cpu_gradients_under_jit_inside_scan(name, xs, ws, stride, padding,
     grads[impl] = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
   for a, b in zip(grads["fast_cpu"], grads["xla"], strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+DEPTHWISE = [c for c in CASES if c[0].startswith("depthwise")]
+
+
+@pytest.mark.parametrize("name,xs,ws,stride,padding,groups", DEPTHWISE, ids=[c[0] for c in DEPTHWISE])
+def test_both_cpu_depthwise_paths_match_xla(name, xs, ws, stride, padding, groups):
+  """The native kernel (what conv2d uses on CPU when it can be built) and the shifted multiply-adds
+  (its fallback) each give XLA's values and gradients, under jit."""
+  assert native.available(), "the native kernel did not build here (a C++ compiler is needed for the tests)"
+  kx, kw, kg = jax.random.split(jax.random.key(2), 3)
+  x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws)
+  ref = functools.partial(layers.conv2d, stride=1, padding=padding, groups=groups, impl="xla")
+  probe = jax.random.normal(kg, xs)
+  for fn in (native.depthwise_conv, layers.depthwise_conv_shifted):
+    f = lambda x, w, fn=fn: fn(x, w[:, :, 0, :])
+    np.testing.assert_allclose(jax.jit(f)(x, w), ref(x, w), rtol=1e-5, atol=1e-4)
+    grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w)) * probe), argnums=(0, 1)))(x, w)
+             for f in (f, ref)]
+    for a, b in zip(*grads, strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_native_depthwise_keeps_each_devices_share_of_the_batch():
+  """Under a data-parallel jit (4 devices) the kernel runs on each device's quarter of the batch, with
+  no gather of the activations, and the kernel gradient is summed over devices: the same values as on
+  one device."""
+  mesh = parallel.create_mesh()
+  x = jax.random.normal(jax.random.key(3), (8, 6, 6, 24))
+  w = jax.random.normal(jax.random.key(4), (5, 5, 24))
+  loss = jax.jit(jax.grad(lambda x, w: jnp.sum(jax.nn.swish(native.depthwise_conv(x, w)) ** 2), argnums=(0, 1)))
+  xs, ws = jax.device_put(x, parallel.data_sharded(mesh)), jax.device_put(w, parallel.replicated(mesh))
+  hlo = loss.lower(xs, ws).compile().as_text()
+  calls = [line for line in hlo.splitlines() if "custom_call_target=\"vaebm_depthwise" in line]
+  assert len(calls) == 3 and all("f32[2,6,6,24]" in line for line in calls), calls
+  assert "all-gather" not in hlo
+  sharded, single = loss(xs, ws), loss(x, w)
+  assert sharded[0].sharding.spec == parallel.data_sharded(mesh).spec
+  for a, b in zip(sharded, single, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_native_kernel_that_cannot_be_built_warns_and_falls_back(monkeypatch, tmp_path):
+  monkeypatch.setenv("CXX", "false")
+  monkeypatch.setenv("VAEBM_JAX_KERNEL_CACHE", str(tmp_path))
+  with pytest.warns(UserWarning, match="could not be built"):
+    assert native.available.__wrapped__() is False
+  assert list(tmp_path.iterdir()) == []                           # no half-written library left behind
 
 
 def test_conv_impl_rejects_unknown_name():
@@ -154,3 +205,15 @@ def test_rematerialised_cells_keep_fewer_activations_and_the_same_gradients():
   np.testing.assert_allclose(grads[True], grads[False], rtol=1e-5, atol=1e-5)
   if jax.default_backend() == "cpu":
     assert temps[True] < 0.5 * temps[False], temps
+
+
+def test_native_depthwise_under_vmap_gives_per_example_values_and_gradients():
+  """`jax.vmap` (per-example gradients, `jax.jacobian`) folds the mapped axis into the kernel's batch, or
+  falls back to the shifted multiply-adds where it cannot (the kernel gradient)."""
+  x = jax.random.normal(jax.random.key(5), (3, 2, 6, 6, 20))
+  w = jax.random.normal(jax.random.key(6), (5, 5, 20))
+  per_example = lambda fn: jax.vmap(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w))), argnums=(0, 1)),
+                                    in_axes=(0, None))
+  got, want = per_example(native.depthwise_conv)(x, w), per_example(layers.depthwise_conv_shifted)(x, w)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)

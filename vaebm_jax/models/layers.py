@@ -2,7 +2,8 @@
 
 Convolutions are the one place where the backend matters: XLA:CPU runs depthwise convolutions
 (`feature_group_count` = channels) far slower than PyTorch (jax-ml/jax#23713) while a 1×1
-convolution written as a matrix product beats it. `conv2d` owns that choice; every module goes
+convolution written as a matrix product beats it. Depthwise convolutions on CPU go to a native
+kernel (`native.py`) when the host can build it. `conv2d` owns that choice; every module goes
 through it, and tests check that every implementation gives the same numbers.
 """
 
@@ -15,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vaebm_jax.models import native
 
 CONV_IMPLS = ("auto", "xla", "fast_cpu")
 BN_EPS = 1e-5
@@ -173,9 +176,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
     stride: 1 or 2.
     padding: symmetric zero padding on both spatial axes.
     groups: 1 (dense) or C_in (depthwise).
-    impl: 'xla' (lax.conv_general_dilated), 'fast_cpu' (1×1 as matmul, depthwise as shifted
-      multiply-adds, dense stride-1 convs with an im2col kernel gradient) or 'auto' (fast_cpu on
-      CPU, xla elsewhere).
+    impl: 'xla' (lax.conv_general_dilated), 'fast_cpu' (1×1 as matmul, depthwise through the native
+      kernel of `native.py`, or as shifted multiply-adds where it cannot be built, dense stride-1
+      convs with an im2col kernel gradient) or 'auto' (fast_cpu on CPU, xla elsewhere).
   Returns:
     (B, H', W', C_out).
   """
@@ -185,6 +188,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
     if k == 1 and groups == 1 and padding == 0:
       return pointwise_conv(x[:, ::stride, ::stride, :], kernel[0, 0])
     if groups > 1 and groups == x.shape[-1] == kernel.shape[-1] and stride == 1 and padding == (k - 1) // 2:
+      if native.supports(x, kernel):
+        return native.depthwise_conv(x, kernel[:, :, 0, :])
       return depthwise_conv_shifted(x, kernel[:, :, 0, :])
     if groups == 1 and k > 1 and stride == 1 and padding == (k - 1) // 2:
       return dense_conv_same(x, kernel)

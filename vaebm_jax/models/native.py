@@ -1,0 +1,227 @@
+"""Native XLA:CPU kernels through `jax.ffi`: the depthwise convolution of NVAE's decoder cells.
+
+XLA:CPU emits no fast code for depthwise convolutions (jax-ml/jax#23713), and they decide the speed of
+the decoder on a CPU (experiments/RESULTS.md, issue 10). `csrc/depthwise.cc` is a small vectorised
+kernel for them; this module builds it with the host's C++ compiler on first use (`-O3
+-march=native`, a few seconds, cached under `$VAEBM_JAX_KERNEL_CACHE` or `~/.cache/vaebm_jax`, keyed
+by the source, the jaxlib version, the compiler and the CPU's flags), registers it with XLA and wraps
+it for `jax.jit`:
+
+- `depthwise_conv(x, w)`: stride-1 'same' depthwise conv with a custom VJP (the input gradient is the
+  same kernel with w flipped; the kernel gradient its own handler);
+- both handlers carry a `custom_partitioning` rule, so under a data-parallel `jit` each device runs
+  its own share of the batch (the kernel gradient is summed over the data axes) instead of XLA
+  gathering the batch onto every device.
+
+`available()` is False, and `layers.conv2d` falls back to its shifted multiply-adds, when no compiler
+is found, the build fails (one warning says why) or `VAEBM_JAX_NATIVE_KERNELS=0`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from typing import Optional
+
+import jax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "depthwise.cc")
+_FWD, _WGRAD = "vaebm_depthwise_fwd", "vaebm_depthwise_wgrad"
+
+
+def _cpu_flags() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith(("flags", "Features")):
+          return line
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _compile_command(compiler: str, out: str) -> list:
+  return [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+          "-I", jax.ffi.include_dir(), _SOURCE, "-o", out]
+
+
+def _library_path(compiler: str) -> str:
+  import jaxlib
+  with open(_SOURCE, "rb") as f:
+    source = f.read()
+  key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), compiler.encode(),
+                                   _cpu_flags().encode()])).hexdigest()[:16]
+  root = os.environ.get("VAEBM_JAX_KERNEL_CACHE") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vaebm_jax")
+  return os.path.join(root, f"depthwise-{key}.so")
+
+
+def _build(compiler: str, path: str) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+  os.close(fd)
+  try:
+    result = subprocess.run(_compile_command(compiler, tmp), capture_output=True, text=True)
+    if result.returncode:
+      raise RuntimeError(f"{compiler} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    os.replace(tmp, path)            # atomic: concurrent builds (test workers) each install a whole file
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+@functools.cache
+def available() -> bool:
+  """Builds (once per host and source), loads and registers the kernels; False if that is not possible."""
+  if os.environ.get("VAEBM_JAX_NATIVE_KERNELS", "1") == "0":
+    return False
+  compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+  if compiler is None:
+    warnings.warn("vaebm_jax: no C++ compiler found, so depthwise convolutions on CPU use the slower "
+                  "XLA path; install g++ (apt-get install g++) for the native kernel", stacklevel=2)
+    return False
+  try:
+    path = _library_path(compiler)
+    if not os.path.exists(path):
+      _build(compiler, path)
+    library = ctypes.cdll.LoadLibrary(path)
+    jax.ffi.register_ffi_target(_FWD, jax.ffi.pycapsule(library.VaebmDepthwiseFwd), platform="cpu")
+    jax.ffi.register_ffi_target(_WGRAD, jax.ffi.pycapsule(library.VaebmDepthwiseWgrad), platform="cpu")
+  except (OSError, RuntimeError, AttributeError) as e:
+    warnings.warn(f"vaebm_jax: the native depthwise kernel could not be built ({e}); depthwise "
+                  "convolutions on CPU use the slower XLA path", stacklevel=2)
+    return False
+  return True
+
+
+# ----------------------------------------------------------------------------------------------
+# The calls, and how each is split over a data-parallel mesh: the batch axis stays where it is, the
+# other axes and the kernel are gathered whole to every device.
+# ----------------------------------------------------------------------------------------------
+
+
+def _require() -> None:
+  if not available():
+    raise RuntimeError("the native depthwise kernel is not available here (see the warning above); use "
+                       "layers.conv2d, which falls back to XLA code")
+
+
+def _forward_call(x: jax.Array, w: jax.Array) -> jax.Array:
+  _require()
+  return jax.ffi.ffi_call(_FWD, jax.ShapeDtypeStruct(x.shape, x.dtype))(x, w)
+
+
+def _kernel_grad_call(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
+  _require()
+  return jax.ffi.ffi_call(_WGRAD, jax.ShapeDtypeStruct((k, k, x.shape[-1]), x.dtype))(x, g)
+
+
+def _batch_axes(sharding) -> Optional[object]:
+  spec = getattr(sharding, "spec", None)
+  return spec[0] if spec else None
+
+
+def _batch_sharded(mesh, axes) -> NamedSharding:
+  return NamedSharding(mesh, P(axes))
+
+
+_forward = custom_partitioning(_forward_call)
+_forward.def_partition(
+    infer_sharding_from_operands=lambda mesh, args, result: _batch_sharded(mesh, _batch_axes(args[0].sharding)),
+    partition=lambda mesh, args, result: (
+        mesh, _forward_call, _batch_sharded(mesh, _batch_axes(args[0].sharding)),
+        (_batch_sharded(mesh, _batch_axes(args[0].sharding)), NamedSharding(mesh, P()))),
+    sharding_rule="b h w c, i j c -> b h w c")
+
+
+def _kernel_grad_partition(k: int, mesh, args, result):
+  axes = _batch_axes(args[0].sharding)
+
+  def lower(x, g):
+    dw = _kernel_grad_call(x, g, k)
+    return dw if axes is None else jax.lax.psum(dw, axes)
+
+  return mesh, lower, NamedSharding(mesh, P()), (_batch_sharded(mesh, axes), _batch_sharded(mesh, axes))
+
+
+def _make_kernel_grad(k: int):
+  def call(x, g):
+    return _kernel_grad_call(x, g, k)
+
+  fn = custom_partitioning(call)
+  fn.def_partition(infer_sharding_from_operands=lambda mesh, args, result: NamedSharding(mesh, P()),
+                   partition=functools.partial(_kernel_grad_partition, k),
+                   sharding_rule="b h w c, b h w c -> i j c")
+  return fn
+
+
+_KERNEL_GRADS = {k: _make_kernel_grad(k) for k in (1, 3, 5, 7)}
+
+
+# custom_partitioning has no batching rule: under `jax.vmap` (e.g. `jax.jacobian`) the forward folds
+# the mapped axis into the batch; what cannot be folded (a mapped kernel, the kernel gradient, which
+# sums over the batch) runs layers.py's shifted multiply-adds instead.
+
+
+@jax.custom_batching.custom_vmap
+def _forward_mapped(x: jax.Array, w: jax.Array) -> jax.Array:
+  return _forward(x, w)
+
+
+@_forward_mapped.def_vmap
+def _forward_vmap(axis_size, in_batched, x, w):
+  from vaebm_jax.models import layers  # layers imports this module
+  if in_batched[0] and not in_batched[1]:
+    return _forward_mapped(x.reshape((-1,) + x.shape[2:]), w).reshape(x.shape), True
+  x, w = (a if mapped else jax.numpy.broadcast_to(a, (axis_size,) + a.shape)
+          for a, mapped in zip((x, w), in_batched, strict=True))
+  return jax.vmap(layers.depthwise_conv_shifted)(x, w), True
+
+
+@jax.custom_batching.custom_vmap
+def _kernel_grad_mapped(x: jax.Array, g: jax.Array, w: jax.Array) -> jax.Array:
+  return _KERNEL_GRADS[w.shape[0]](x, g)         # w only for its shape
+
+
+@_kernel_grad_mapped.def_vmap
+def _kernel_grad_vmap(axis_size, in_batched, x, g, w):
+  from vaebm_jax.models import layers
+  k = w.shape[-3]
+  p = (k - 1) // 2
+  pad = lambda x: jax.numpy.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  fn = lambda x, g: layers._depthwise_kernel_grad(pad(x), g, k)
+  return jax.vmap(fn, in_axes=(0 if in_batched[0] else None, 0 if in_batched[1] else None))(x, g), True
+
+
+@jax.custom_vjp
+def depthwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+  """Stride-1 'same' depthwise conv on CPU. x: (B, H, W, C) float32; w: (k, k, C), k odd ≤ 7."""
+  return _forward_mapped(x, w)
+
+
+def _fwd(x, w):
+  return _forward_mapped(x, w), (x, w)
+
+
+def _bwd(res, g):
+  x, w = res
+  return _forward_mapped(g, w[::-1, ::-1]), _kernel_grad_mapped(x, g, w)
+
+
+depthwise_conv.defvjp(_fwd, _bwd)
+
+
+def supports(x: jax.Array, w: jax.Array) -> bool:
+  """Whether `depthwise_conv` can run this call (float32, odd k ≤ 7, on CPU, kernels built)."""
+  return (x.dtype == w.dtype == jax.numpy.float32 and w.shape[0] in _KERNEL_GRADS
+          and jax.default_backend() == "cpu" and available())
