@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from vaebm_jax.models import layers, native  # noqa: E402
+from vaebm_jax.models import depthwise, layers  # noqa: E402
 
 
 def bench(fn, *args, repeats=10):
@@ -33,9 +33,9 @@ def main():
   x = jax.random.normal(jax.random.key(0), (32, 16, 16, 384))
   w = jax.random.normal(jax.random.key(1), (5, 5, 1, 384))
   impls = {"xla": lambda x, w: layers.conv2d(x, w, padding=2, groups=384, impl="xla"),
-           "shifted": lambda x, w: layers.depthwise_conv_shifted(x, w[:, :, 0, :])}
-  if native.available():
-    impls["native"] = lambda x, w: native.depthwise_conv(x, w[:, :, 0, :])
+           "shifted": lambda x, w: depthwise.shifted_depthwise_conv(x, w[:, :, 0, :])}
+  if depthwise.available():
+    impls["native"] = lambda x, w: depthwise.native_depthwise_conv(x, w[:, :, 0, :])
   fmas = x.size * 25
   print("| impl | forward (ms) | forward GFMA/s | forward + d/dx + d/dw (ms) | d/dw only (ms) |\n|---|---|---|---|---|")
   for name, f in impls.items():

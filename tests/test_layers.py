@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vaebm_jax import parallel
-from vaebm_jax.models import layers, native
+from vaebm_jax.models import depthwise, layers
 from vaebm_jax.models.nvae import CellAR
 
 CASES = [  # (name, x shape, kernel shape, stride, padding, groups)
@@ -69,12 +69,12 @@ DEPTHWISE = [c for c in CASES if c[0].startswith("depthwise")]
 def test_both_cpu_depthwise_paths_match_xla(name, xs, ws, stride, padding, groups):
   """The native kernel (what conv2d uses on CPU when it can be built) and the shifted multiply-adds
   (its fallback) each give XLA's values and gradients, under jit."""
-  assert native.available(), "the native kernel did not build here (a C++ compiler is needed for the tests)"
+  assert depthwise.available(), "the native kernel did not build here (a C++ compiler is needed for the tests)"
   kx, kw, kg = jax.random.split(jax.random.key(2), 3)
   x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws)
   ref = functools.partial(layers.conv2d, stride=1, padding=padding, groups=groups, impl="xla")
   probe = jax.random.normal(kg, xs)
-  for fn in (native.depthwise_conv, layers.depthwise_conv_shifted):
+  for fn in (depthwise.native_depthwise_conv, depthwise.shifted_depthwise_conv):
     f = lambda x, w, fn=fn: fn(x, w[:, :, 0, :])
     np.testing.assert_allclose(jax.jit(f)(x, w), ref(x, w), rtol=1e-5, atol=1e-4)
     grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w)) * probe), argnums=(0, 1)))(x, w)
@@ -90,7 +90,8 @@ def test_native_depthwise_keeps_each_devices_share_of_the_batch():
   mesh = parallel.create_mesh()
   x = jax.random.normal(jax.random.key(3), (8, 6, 6, 24))
   w = jax.random.normal(jax.random.key(4), (5, 5, 24))
-  loss = jax.jit(jax.grad(lambda x, w: jnp.sum(jax.nn.swish(native.depthwise_conv(x, w)) ** 2), argnums=(0, 1)))
+  loss = jax.jit(jax.grad(lambda x, w: jnp.sum(jax.nn.swish(depthwise.native_depthwise_conv(x, w)) ** 2),
+                          argnums=(0, 1)))
   xs, ws = jax.device_put(x, parallel.data_sharded(mesh)), jax.device_put(w, parallel.replicated(mesh))
   hlo = loss.lower(xs, ws).compile().as_text()
   calls = [line for line in hlo.splitlines() if "custom_call_target=\"vaebm_depthwise" in line]
@@ -106,7 +107,7 @@ def test_native_kernel_that_cannot_be_built_warns_and_falls_back(monkeypatch, tm
   monkeypatch.setenv("CXX", "false")
   monkeypatch.setenv("VAEBM_JAX_KERNEL_CACHE", str(tmp_path))
   with pytest.warns(UserWarning, match="could not be built"):
-    assert native.available.__wrapped__() is False
+    assert depthwise.available.__wrapped__() is False
   assert list(tmp_path.iterdir()) == []                           # no half-written library left behind
 
 
@@ -214,6 +215,6 @@ def test_native_depthwise_under_vmap_gives_per_example_values_and_gradients():
   w = jax.random.normal(jax.random.key(6), (5, 5, 20))
   per_example = lambda fn: jax.vmap(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w))), argnums=(0, 1)),
                                     in_axes=(0, None))
-  got, want = per_example(native.depthwise_conv)(x, w), per_example(layers.depthwise_conv_shifted)(x, w)
+  got, want = per_example(depthwise.native_depthwise_conv)(x, w), per_example(depthwise.shifted_depthwise_conv)(x, w)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)

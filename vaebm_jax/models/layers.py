@@ -2,9 +2,9 @@
 
 Convolutions are the one place where the backend matters: XLA:CPU runs depthwise convolutions
 (`feature_group_count` = channels) far slower than PyTorch (jax-ml/jax#23713) while a 1×1
-convolution written as a matrix product beats it. Depthwise convolutions on CPU go to a native
-kernel (`native.py`) when the host can build it. `conv2d` owns that choice; every module goes
-through it, and tests check that every implementation gives the same numbers.
+convolution written as a matrix product beats it; depthwise convolutions on CPU have their own
+module (`depthwise.py`: a native kernel, and XLA code where it cannot be built). `conv2d` owns that
+choice; every module goes through it, and tests check that every implementation gives the same numbers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vaebm_jax.models import native
+from vaebm_jax.models import depthwise
 
 CONV_IMPLS = ("auto", "xla", "fast_cpu")
 BN_EPS = 1e-5
@@ -32,70 +32,6 @@ def resolve_conv_impl(impl: str) -> str:
   if impl == "auto":
     return "fast_cpu" if jax.default_backend() == "cpu" else "xla"
   return impl
-
-
-# ----------------------------------------------------------------------------------------------
-# Depthwise convolution as k*k shifted multiply-adds, with a hand-written VJP that is itself made
-# of shifted multiply-adds (autodiff of slices would produce scatter-adds).
-# ----------------------------------------------------------------------------------------------
-
-
-def _shifted_sum(xp: jax.Array, w: jax.Array, height: int, width: int) -> jax.Array:
-  k = w.shape[0]
-  out = None
-  for i in range(k):
-    for j in range(k):
-      term = xp[:, i:i + height, j:j + width, :] * w[i, j]
-      out = term if out is None else out + term
-  return out
-
-
-@jax.custom_vjp
-def depthwise_conv_shifted(x: jax.Array, w: jax.Array) -> jax.Array:
-  """Stride-1 'same' depthwise conv. x: (B, H, W, C); w: (k, k, C) with k odd."""
-  p = (w.shape[0] - 1) // 2
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  return _shifted_sum(xp, w, x.shape[1], x.shape[2])
-
-
-def _depthwise_fwd(x, w):
-  return depthwise_conv_shifted(x, w), (x, w)
-
-
-def _depthwise_kernel_grad(xp: jax.Array, g: jax.Array, k: int) -> jax.Array:
-  """dw[i, j, c] = Σ_{b,h,w} xp[b, h+i, w+j, c] · g[b, h, w, c].
-
-  Written with the roles of kernel and image swapped: a `lax.scan` over the rows h of g adds, for
-  each column w, the k×k window of xp at (h, w) times g[:, h, w] into a (B, k, k, C) accumulator.
-  Each step is one fused loop over k rows of xp and one row of g, so xp is read about k times and g
-  once, where k² separate product-and-reduce passes (one per shift) read both k² times: 2-4× faster
-  on XLA:CPU for the decoder's expanded (B, H, W, 6C) activations, and no (B, H, W, C) products.
-  """
-  batch, height, width, channels = g.shape
-
-  def row(acc, h):
-    x_rows = jax.lax.dynamic_slice_in_dim(xp, h, k, axis=1)  # (B, k, W + k - 1, C)
-    g_row = jax.lax.dynamic_slice_in_dim(g, h, 1, axis=1)    # (B, 1, W, C)
-    for w in range(width):
-      acc = acc + x_rows[:, :, w:w + k, :] * g_row[:, :, w:w + 1, :]
-    return acc, None
-
-  acc, _ = jax.lax.scan(row, jnp.zeros((batch, k, k, channels), g.dtype), jnp.arange(height))
-  return jnp.sum(acc, axis=0)
-
-
-def _depthwise_bwd(res, g):
-  x, w = res
-  k = w.shape[0]
-  p = (k - 1) // 2
-  height, width = x.shape[1], x.shape[2]
-  gp = jnp.pad(g, ((0, 0), (p, p), (p, p), (0, 0)))
-  dx = _shifted_sum(gp, w[::-1, ::-1], height, width)
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  return dx, _depthwise_kernel_grad(xp, g, k).astype(w.dtype)
-
-
-depthwise_conv_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,9 +112,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
     stride: 1 or 2.
     padding: symmetric zero padding on both spatial axes.
     groups: 1 (dense) or C_in (depthwise).
-    impl: 'xla' (lax.conv_general_dilated), 'fast_cpu' (1×1 as matmul, depthwise through the native
-      kernel of `native.py`, or as shifted multiply-adds where it cannot be built, dense stride-1
-      convs with an im2col kernel gradient) or 'auto' (fast_cpu on CPU, xla elsewhere).
+    impl: 'xla' (lax.conv_general_dilated), 'fast_cpu' (1×1 as matmul, depthwise through
+      `depthwise.depthwise_conv`, dense stride-1 convs with an im2col kernel gradient) or 'auto'
+      (fast_cpu on CPU, xla elsewhere).
   Returns:
     (B, H', W', C_out).
   """
@@ -188,9 +124,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
     if k == 1 and groups == 1 and padding == 0:
       return pointwise_conv(x[:, ::stride, ::stride, :], kernel[0, 0])
     if groups > 1 and groups == x.shape[-1] == kernel.shape[-1] and stride == 1 and padding == (k - 1) // 2:
-      if native.supports(x, kernel):
-        return native.depthwise_conv(x, kernel[:, :, 0, :])
-      return depthwise_conv_shifted(x, kernel[:, :, 0, :])
+      return depthwise.depthwise_conv(x, kernel[:, :, 0, :])
     if groups == 1 and k > 1 and stride == 1 and padding == (k - 1) // 2:
       return dense_conv_same(x, kernel)
   return jax.lax.conv_general_dilated(

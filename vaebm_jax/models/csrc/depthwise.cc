@@ -61,27 +61,45 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, Fn fn) {
   while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
+constexpr int kBlock = 4;  // output pixels per register block
+
 // y_row[w] (+)= sum_j x_row[w + j - p] * k_row[j] for channels [c0, c0 + kLanes) of one output row
-// and one kernel row; `first` starts the sum.
+// and one kernel row; `first` starts the sum. Interior pixels go kBlock at a time: K + kBlock - 1
+// loads of x feed K * kBlock multiply-adds.
 template <int K>
 inline void ForwardRowVec(const float* x_row, const float* k_row, float* y_row, int64_t width, int64_t channels,
                           int64_t c0, bool first) {
   constexpr int P = K / 2;
   Vec kv[K];
   for (int j = 0; j < K; ++j) kv[j] = Load(k_row + j * channels + c0);
-  for (int64_t w = 0; w < width; ++w) {
+  auto pixel = [&](int64_t w) {
     float* out = y_row + w * channels + c0;
     Vec acc = first ? Vec{} : Load(out);
     const float* xc = x_row + (w - P) * channels + c0;
-    if (w >= P && w + P < width) {
-#pragma GCC unroll 8
-      for (int j = 0; j < K; ++j) acc += Load(xc + j * channels) * kv[j];
-    } else {
-      const int j_lo = std::max<int64_t>(0, P - w), j_hi = std::min<int64_t>(K, width + P - w);
-      for (int j = j_lo; j < j_hi; ++j) acc += Load(xc + j * channels) * kv[j];
-    }
+    const int j_lo = std::max<int64_t>(0, P - w), j_hi = std::min<int64_t>(K, width + P - w);
+    for (int j = j_lo; j < j_hi; ++j) acc += Load(xc + j * channels) * kv[j];
     Store(out, acc);
+  };
+  int64_t w = 0;
+  for (; w < std::min<int64_t>(P, width); ++w) pixel(w);
+  for (; w + kBlock - 1 + P < width; w += kBlock) {
+    float* out = y_row + w * channels + c0;
+    Vec acc[kBlock];
+#pragma GCC unroll 8
+    for (int t = 0; t < kBlock; ++t) acc[t] = first ? Vec{} : Load(out + t * channels);
+    const float* xc = x_row + (w - P) * channels + c0;
+#pragma GCC unroll 16
+    for (int u = 0; u < K + kBlock - 1; ++u) {
+      const Vec xv = Load(xc + u * channels);
+#pragma GCC unroll 8
+      for (int t = 0; t < kBlock; ++t) {
+        if (u - t >= 0 && u - t < K) acc[t] += xv * kv[u - t];
+      }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < kBlock; ++t) Store(out + t * channels, acc[t]);
   }
+  for (; w < width; ++w) pixel(w);
 }
 
 // Output row r = b * height + h.
@@ -115,33 +133,59 @@ void ForwardRow(const float* x, const float* k, float* y, const Shape& s, int64_
   }
 }
 
-// Kernel gradient of channels [c0, c0 + kLanes).
+// Kernel gradient of channels [c0, c0 + kLanes): one sweep over the rows (b, h) of g, each adding
+// its products with the K rows of x around it into the K×K accumulators, so that x and g are read
+// from memory once (the K rows of x stay in cache between successive h). Interior pixels go kBlock
+// at a time, with two sets of accumulators (even and odd pixels) so that the multiply-adds of one
+// kernel row do not wait on each other.
 template <int K>
 void KernelGradBlock(const float* x, const float* g, float* dk, const Shape& s, int64_t c0) {
   constexpr int P = K / 2;
   const int64_t C = s.channels, W = s.width;
+  Vec sum[K][K];
   for (int i = 0; i < K; ++i) {
-    Vec acc[K];
-    for (int j = 0; j < K; ++j) acc[j] = Vec{};
-    const int64_t h_lo = std::max<int64_t>(0, P - i), h_hi = std::min<int64_t>(s.height, s.height + P - i);
-    for (int64_t b = 0; b < s.batch; ++b) {
-      for (int64_t h = h_lo; h < h_hi; ++h) {
+    for (int j = 0; j < K; ++j) sum[i][j] = Vec{};
+  }
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t h = 0; h < s.height; ++h) {
+      const float* g_row = g + (b * s.height + h) * W * C;
+      const int i_lo = std::max<int64_t>(0, P - h), i_hi = std::min<int64_t>(K, s.height + P - h);
+      for (int i = i_lo; i < i_hi; ++i) {
         const float* x_row = x + (b * s.height + h + i - P) * W * C;
-        const float* g_row = g + (b * s.height + h) * W * C;
-        for (int64_t w = 0; w < W; ++w) {
+        Vec acc[2][K];
+        for (int j = 0; j < K; ++j) {
+          acc[0][j] = sum[i][j];
+          acc[1][j] = Vec{};
+        }
+        int64_t w = 0;
+        auto pixel = [&](int64_t w) {
           const Vec gv = Load(g_row + w * C + c0);
           const float* xc = x_row + (w - P) * C + c0;
-          if (w >= P && w + P < W) {
+          const int j_lo = std::max<int64_t>(0, P - w), j_hi = std::min<int64_t>(K, W + P - w);
+          for (int j = j_lo; j < j_hi; ++j) acc[0][j] += Load(xc + j * C) * gv;
+        };
+        for (; w < std::min<int64_t>(P, W); ++w) pixel(w);
+        for (; w + kBlock - 1 + P < W; w += kBlock) {
+          Vec gv[kBlock];
 #pragma GCC unroll 8
-            for (int j = 0; j < K; ++j) acc[j] += Load(xc + j * C) * gv;
-          } else {
-            const int j_lo = std::max<int64_t>(0, P - w), j_hi = std::min<int64_t>(K, W + P - w);
-            for (int j = j_lo; j < j_hi; ++j) acc[j] += Load(xc + j * C) * gv;
+          for (int t = 0; t < kBlock; ++t) gv[t] = Load(g_row + (w + t) * C + c0);
+          const float* xc = x_row + (w - P) * C + c0;
+#pragma GCC unroll 16
+          for (int u = 0; u < K + kBlock - 1; ++u) {
+            const Vec xv = Load(xc + u * C);
+#pragma GCC unroll 8
+            for (int t = 0; t < kBlock; ++t) {
+              if (u - t >= 0 && u - t < K) acc[t % 2][u - t] += xv * gv[t];
+            }
           }
         }
+        for (; w < W; ++w) pixel(w);
+        for (int j = 0; j < K; ++j) sum[i][j] = acc[0][j] + acc[1][j];
       }
     }
-    for (int j = 0; j < K; ++j) Store(dk + (i * K + j) * C + c0, acc[j]);
+  }
+  for (int i = 0; i < K; ++i) {
+    for (int j = 0; j < K; ++j) Store(dk + (i * K + j) * C + c0, sum[i][j]);
   }
 }
 

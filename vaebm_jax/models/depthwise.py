@@ -1,20 +1,19 @@
-"""Native XLA:CPU kernels through `jax.ffi`: the depthwise convolution of NVAE's decoder cells.
+"""The depthwise k×k convolution of NVAE's cells on CPU: a native kernel through `jax.ffi`, and XLA code.
 
 XLA:CPU emits no fast code for depthwise convolutions (jax-ml/jax#23713), and they decide the speed of
-the decoder on a CPU (experiments/RESULTS.md, issue 10). `csrc/depthwise.cc` is a small vectorised
-kernel for them; this module builds it with the host's C++ compiler on first use (`-O3
--march=native`, a few seconds, cached under `$VAEBM_JAX_KERNEL_CACHE` or `~/.cache/vaebm_jax`, keyed
-by the source, the jaxlib version, the compiler and the CPU's flags), registers it with XLA and wraps
-it for `jax.jit`:
+the decoder on a CPU (experiments/RESULTS.md, issue 10). `depthwise_conv` picks, per call:
 
-- `depthwise_conv(x, w)`: stride-1 'same' depthwise conv with a custom VJP (the input gradient is the
-  same kernel with w flipped; the kernel gradient its own handler);
-- both handlers carry a `custom_partitioning` rule, so under a data-parallel `jit` each device runs
-  its own share of the batch (the kernel gradient is summed over the data axes) instead of XLA
-  gathering the batch onto every device.
-
-`available()` is False, and `layers.conv2d` falls back to its shifted multiply-adds, when no compiler
-is found, the build fails (one warning says why) or `VAEBM_JAX_NATIVE_KERNELS=0`.
+- `native_depthwise_conv`: `csrc/depthwise.cc`, a small vectorised kernel. This module builds it
+  with the host's C++ compiler on first use (`-O3 -march=native`, a few seconds, cached under
+  `$VAEBM_JAX_KERNEL_CACHE` or `~/.cache/vaebm_jax`, keyed by the source, the jaxlib version, the
+  compiler and the CPU's flags) and registers it with XLA. Its VJP: the input gradient is the same
+  kernel with w flipped, the kernel gradient its own handler. Both handlers carry a
+  `custom_partitioning` rule, so under a data-parallel `jit` each device runs its own share of the
+  batch (the kernel gradient is summed over the data axes) instead of XLA gathering the batch onto
+  every device.
+- `shifted_depthwise_conv`: k² shifted multiply-adds that XLA fuses, with a hand-written VJP made of
+  the same; used where the kernel is not `available()`: no compiler, a failed build (one warning says
+  why), `VAEBM_JAX_NATIVE_KERNELS=0`, or a dtype or kernel size it does not handle.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import warnings
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -105,7 +105,71 @@ def available() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# The calls, and how each is split over a data-parallel mesh: the batch axis stays where it is, the
+# Depthwise convolution as k*k shifted multiply-adds, with a hand-written VJP that is itself made
+# of shifted multiply-adds (autodiff of slices would produce scatter-adds).
+# ----------------------------------------------------------------------------------------------
+
+
+def _shifted_sum(xp: jax.Array, w: jax.Array, height: int, width: int) -> jax.Array:
+  k = w.shape[0]
+  out = None
+  for i in range(k):
+    for j in range(k):
+      term = xp[:, i:i + height, j:j + width, :] * w[i, j]
+      out = term if out is None else out + term
+  return out
+
+
+@jax.custom_vjp
+def shifted_depthwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+  """Stride-1 'same' depthwise conv. x: (B, H, W, C); w: (k, k, C) with k odd."""
+  p = (w.shape[0] - 1) // 2
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  return _shifted_sum(xp, w, x.shape[1], x.shape[2])
+
+
+def _shifted_fwd(x, w):
+  return shifted_depthwise_conv(x, w), (x, w)
+
+
+def _shifted_kernel_grad(xp: jax.Array, g: jax.Array, k: int) -> jax.Array:
+  """dw[i, j, c] = Σ_{b,h,w} xp[b, h+i, w+j, c] · g[b, h, w, c].
+
+  Written with the roles of kernel and image swapped: a `lax.scan` over the rows h of g adds, for
+  each column w, the k×k window of xp at (h, w) times g[:, h, w] into a (B, k, k, C) accumulator.
+  Each step is one fused loop over k rows of xp and one row of g, so xp is read about k times and g
+  once, where k² separate product-and-reduce passes (one per shift) read both k² times: 2-4× faster
+  on XLA:CPU for the decoder's expanded (B, H, W, 6C) activations, and no (B, H, W, C) products.
+  """
+  batch, height, width, channels = g.shape
+
+  def row(acc, h):
+    x_rows = jax.lax.dynamic_slice_in_dim(xp, h, k, axis=1)  # (B, k, W + k - 1, C)
+    g_row = jax.lax.dynamic_slice_in_dim(g, h, 1, axis=1)    # (B, 1, W, C)
+    for w in range(width):
+      acc = acc + x_rows[:, :, w:w + k, :] * g_row[:, :, w:w + 1, :]
+    return acc, None
+
+  acc, _ = jax.lax.scan(row, jnp.zeros((batch, k, k, channels), g.dtype), jnp.arange(height))
+  return jnp.sum(acc, axis=0)
+
+
+def _shifted_bwd(res, g):
+  x, w = res
+  k = w.shape[0]
+  p = (k - 1) // 2
+  height, width = x.shape[1], x.shape[2]
+  gp = jnp.pad(g, ((0, 0), (p, p), (p, p), (0, 0)))
+  dx = _shifted_sum(gp, w[::-1, ::-1], height, width)
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  return dx, _shifted_kernel_grad(xp, g, k).astype(w.dtype)
+
+
+shifted_depthwise_conv.defvjp(_shifted_fwd, _shifted_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The native kernel: the calls, and how each is split over a data-parallel mesh: the batch axis stays where it is, the
 # other axes and the kernel are gathered whole to every device.
 # ----------------------------------------------------------------------------------------------
 
@@ -113,7 +177,7 @@ def available() -> bool:
 def _require() -> None:
   if not available():
     raise RuntimeError("the native depthwise kernel is not available here (see the warning above); use "
-                       "layers.conv2d, which falls back to XLA code")
+                       "depthwise_conv, which falls back to XLA code")
 
 
 def _forward_call(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -170,7 +234,7 @@ _KERNEL_GRADS = {k: _make_kernel_grad(k) for k in (1, 3, 5, 7)}
 
 # custom_partitioning has no batching rule: under `jax.vmap` (e.g. `jax.jacobian`) the forward folds
 # the mapped axis into the batch; what cannot be folded (a mapped kernel, the kernel gradient, which
-# sums over the batch) runs layers.py's shifted multiply-adds instead.
+# sums over the batch) runs the shifted multiply-adds instead.
 
 
 @jax.custom_batching.custom_vmap
@@ -180,12 +244,11 @@ def _forward_mapped(x: jax.Array, w: jax.Array) -> jax.Array:
 
 @_forward_mapped.def_vmap
 def _forward_vmap(axis_size, in_batched, x, w):
-  from vaebm_jax.models import layers  # layers imports this module
   if in_batched[0] and not in_batched[1]:
     return _forward_mapped(x.reshape((-1,) + x.shape[2:]), w).reshape(x.shape), True
-  x, w = (a if mapped else jax.numpy.broadcast_to(a, (axis_size,) + a.shape)
+  x, w = (a if mapped else jnp.broadcast_to(a, (axis_size,) + a.shape)
           for a, mapped in zip((x, w), in_batched, strict=True))
-  return jax.vmap(layers.depthwise_conv_shifted)(x, w), True
+  return jax.vmap(shifted_depthwise_conv)(x, w), True
 
 
 @jax.custom_batching.custom_vmap
@@ -195,16 +258,15 @@ def _kernel_grad_mapped(x: jax.Array, g: jax.Array, w: jax.Array) -> jax.Array:
 
 @_kernel_grad_mapped.def_vmap
 def _kernel_grad_vmap(axis_size, in_batched, x, g, w):
-  from vaebm_jax.models import layers
   k = w.shape[-3]
   p = (k - 1) // 2
-  pad = lambda x: jax.numpy.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  fn = lambda x, g: layers._depthwise_kernel_grad(pad(x), g, k)
+  pad = lambda x: jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  fn = lambda x, g: _shifted_kernel_grad(pad(x), g, k)
   return jax.vmap(fn, in_axes=(0 if in_batched[0] else None, 0 if in_batched[1] else None))(x, g), True
 
 
 @jax.custom_vjp
-def depthwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+def native_depthwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
   """Stride-1 'same' depthwise conv on CPU. x: (B, H, W, C) float32; w: (k, k, C), k odd ≤ 7."""
   return _forward_mapped(x, w)
 
@@ -218,10 +280,15 @@ def _bwd(res, g):
   return _forward_mapped(g, w[::-1, ::-1]), _kernel_grad_mapped(x, g, w)
 
 
-depthwise_conv.defvjp(_fwd, _bwd)
+native_depthwise_conv.defvjp(_fwd, _bwd)
 
 
-def supports(x: jax.Array, w: jax.Array) -> bool:
-  """Whether `depthwise_conv` can run this call (float32, odd k ≤ 7, on CPU, kernels built)."""
-  return (x.dtype == w.dtype == jax.numpy.float32 and w.shape[0] in _KERNEL_GRADS
-          and jax.default_backend() == "cpu" and available())
+def depthwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+  """Stride-1 'same' depthwise conv for the CPU. x: (B, H, W, C); w: (k, k, C) with k odd.
+
+  The native kernel where it can run this call (float32, k ≤ 7, on CPU, built), else the shifted
+  multiply-adds."""
+  if (x.dtype == w.dtype == jnp.float32 and w.shape[0] in _KERNEL_GRADS and jax.default_backend() == "cpu"
+      and available()):
+    return native_depthwise_conv(x, w)
+  return shifted_depthwise_conv(x, w)
