@@ -73,7 +73,8 @@ def _build(compiler: str, path: str) -> None:
   try:
     result = subprocess.run(_compile_command(compiler, tmp), capture_output=True, text=True)
     if result.returncode:
-      raise RuntimeError(f"{compiler} failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+      lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+      raise RuntimeError(f"{compiler} failed: {next((ln for ln in lines if 'error' in ln), lines[-1]).strip()}")
     os.replace(tmp, path)            # atomic: concurrent builds (test workers) each install a whole file
   finally:
     if os.path.exists(tmp):
