@@ -10,7 +10,8 @@ the decoder on a CPU (experiments/RESULTS.md, issue 10). `depthwise_conv` picks,
   kernel with w flipped, the kernel gradient its own handler. Both handlers carry a
   `custom_partitioning` rule, so under a data-parallel `jit` each device runs its own share of the
   batch (the kernel gradient is summed over the data axes) instead of XLA gathering the batch onto
-  every device.
+  every device. First derivatives only: nothing in VAEBM differentiates through the NVAE twice (the
+  Langevin chains are cut from the EBM's loss), and the kernels have no rule for a second.
 - `shifted_depthwise_conv`: k² shifted multiply-adds that XLA fuses, with a hand-written VJP made of
   the same; used where the kernel is not `available()`: no compiler, a failed build (one warning says
   why), `VAEBM_JAX_NATIVE_KERNELS=0`, or a dtype or kernel size it does not handle.
