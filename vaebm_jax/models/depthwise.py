@@ -134,8 +134,8 @@ def _shifted_fwd(x, w):
   return shifted_depthwise_conv(x, w), (x, w)
 
 
-def _shifted_kernel_grad(xp: jax.Array, g: jax.Array, k: int) -> jax.Array:
-  """dw[i, j, c] = Σ_{b,h,w} xp[b, h+i, w+j, c] · g[b, h, w, c].
+def _shifted_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
+  """dw[i, j, c] = Σ_{b,h,w} xp[b, h+i, w+j, c] · g[b, h, w, c], xp = x zero-padded by (k - 1) / 2.
 
   Written with the roles of kernel and image swapped: a `lax.scan` over the rows h of g adds, for
   each column w, the k×k window of xp at (h, w) times g[:, h, w] into a (B, k, k, C) accumulator.
@@ -144,6 +144,8 @@ def _shifted_kernel_grad(xp: jax.Array, g: jax.Array, k: int) -> jax.Array:
   on XLA:CPU for the decoder's expanded (B, H, W, 6C) activations, and no (B, H, W, C) products.
   """
   batch, height, width, channels = g.shape
+  p = (k - 1) // 2
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
 
   def row(acc, h):
     x_rows = jax.lax.dynamic_slice_in_dim(xp, h, k, axis=1)  # (B, k, W + k - 1, C)
@@ -163,8 +165,7 @@ def _shifted_bwd(res, g):
   height, width = x.shape[1], x.shape[2]
   gp = jnp.pad(g, ((0, 0), (p, p), (p, p), (0, 0)))
   dx = _shifted_sum(gp, w[::-1, ::-1], height, width)
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  return dx, _shifted_kernel_grad(xp, g, k).astype(w.dtype)
+  return dx, _shifted_kernel_grad(x, g, k).astype(w.dtype)
 
 
 shifted_depthwise_conv.defvjp(_shifted_fwd, _shifted_bwd)
@@ -260,10 +261,7 @@ def _kernel_grad_mapped(x: jax.Array, g: jax.Array, w: jax.Array) -> jax.Array:
 
 @_kernel_grad_mapped.def_vmap
 def _kernel_grad_vmap(axis_size, in_batched, x, g, w):
-  k = w.shape[-3]
-  p = (k - 1) // 2
-  pad = lambda x: jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  fn = lambda x, g: _shifted_kernel_grad(pad(x), g, k)
+  fn = functools.partial(_shifted_kernel_grad, k=w.shape[-3])
   return jax.vmap(fn, in_axes=(0 if in_batched[0] else None, 0 if in_batched[1] else None))(x, g), True
 
 
