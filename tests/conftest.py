@@ -5,25 +5,36 @@ of the smoke experiments, the notebook's kernel): most of the suite's time is co
 small NVAE programs again — in a resumed run, in each experiment stage, in every test that builds a
 loop — and identical programs are then compiled once. `VAEBM_TEST_XLA_CACHE=` (empty) turns it off.
 For the same reason XLA:CPU compiles at LLVM optimisation level 0 here (compiling the smoke models
-halves; they run a little slower, which tests do not time). `VAEBM_TEST_FAST_COMPILE=0` turns it off.
+halves; they run a little slower, which tests do not time), and with its older loop emitters instead of
+the MLIR fusion emitters (the compiles halve again). `VAEBM_TEST_FAST_COMPILE=0` turns both off.
+
+The native depthwise kernel is partitioned by `custom_partitioning`, whose lowering names its Python
+callback by address: every trace of a program that uses it hashed to a new cache key, and nothing was
+ever found in the cache. JAX's `jax_remove_custom_partitioning_ptr_from_cache_key` hashes it without
+the address. That is safe only while the partitioning rules behind a cached program do not change, so
+the cache directory is named after the kernel module's source.
 """
 
+import hashlib
 import os
 import sys
 import tempfile
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+with open(os.path.join(ROOT, "vaebm_jax", "models", "depthwise.py"), "rb") as _f:
+  _PARTITIONING = hashlib.sha256(_f.read()).hexdigest()[:12]
 _CACHE = os.environ.get("VAEBM_TEST_XLA_CACHE", os.path.join(tempfile.gettempdir(), "vaebm_jax_test_xla_cache"))
-if _CACHE and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE                 # inherited by subprocesses
+if _CACHE and "JAX_COMPILATION_CACHE_DIR" not in os.environ:          # all inherited by subprocesses
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_CACHE, f"depthwise-{_PARTITIONING}")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+  os.environ.setdefault("JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY", "1")
 if os.environ.get("VAEBM_TEST_FAST_COMPILE", "1") != "0" and "xla_backend_optimization_level" not in \
     os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                             " --xla_llvm_disable_expensive_passes=true").strip()
+                             " --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false").strip()
 
 import jax  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
