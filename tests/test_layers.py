@@ -1,6 +1,9 @@
 """Primitive layers: every convolution implementation agrees; masks are causal; BN is PyTorch's."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,8 @@ import pytest
 from vaebm_jax import parallel
 from vaebm_jax.models import depthwise, layers
 from vaebm_jax.models.nvae import CellAR
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CASES = [  # (name, x shape, kernel shape, stride, padding, groups)
     ("dense3x3", (2, 8, 8, 6), (3, 3, 6, 5), 1, 1, 1),
@@ -101,6 +106,30 @@ def test_native_depthwise_keeps_each_devices_share_of_the_batch():
   assert sharded[0].sharding.spec == parallel.data_sharded(mesh).spec
   for a, b in zip(sharded, single, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+_CACHED_PROGRAM = """
+import jax, jax.numpy as jnp
+jax.config.update("jax_num_cpu_devices", 4)
+from vaebm_jax import parallel
+from vaebm_jax.models import depthwise
+mesh = parallel.create_mesh()
+x = jax.device_put(jnp.ones((8, 6, 6, 24)), parallel.data_sharded(mesh))
+jax.jit(lambda x: depthwise.native_depthwise_conv(x, jnp.ones((5, 5, 24)))).lower(x).compile()
+"""
+
+
+def test_sharded_native_kernel_program_is_found_in_the_persistent_cache(tmp_path):
+  """With the tests' settings (tests/conftest.py), a second process compiling the same sharded program
+  finds it in XLA's persistent cache: its custom_partitioning callback is not part of the key."""
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             PYTHONPATH=ROOT)
+  entries = []
+  for _ in range(2):
+    subprocess.run([sys.executable, "-c", _CACHED_PROGRAM], check=True, env=env, cwd=ROOT, capture_output=True)
+    entries.append(sorted(p.name for p in tmp_path.iterdir()))
+  assert any("lambda" in name for name in entries[0]), entries[0]
+  assert entries[1] == entries[0]
 
 
 def test_native_kernel_that_cannot_be_built_warns_and_falls_back(monkeypatch, tmp_path):

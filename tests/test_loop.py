@@ -193,3 +193,22 @@ def test_a_checkpoint_of_another_shape_is_refused_not_moved(tmp_path):
     context.checkpointer.restore_or_initialize(fewer, sharding=context.replicated)
   context.checkpointer.close()
   assert (tmp_path / "checkpoints" / "5").is_dir() and not (tmp_path / "checkpoints_unreadable").exists()
+
+
+def test_saving_a_replicated_state_compiles_nothing_and_restores_it(tmp_path, caplog):
+  """One process writes each replicated array whole: orbax's replica-parallel default slices every array
+  per device, one eager slice (and a compile per shape) each, for no gain on one host."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = {f"w{i}": jax.device_put(np.arange(8 * (i + 1), dtype=np.float32).reshape(8, i + 1), replicated)
+           for i in range(5)}
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  with caplog.at_level("WARNING"), jax.log_compiles():
+    ckpt.save(1, state, _config())
+    ckpt.wait()
+  assert len(jax.devices()) == 4
+  assert "Compiling" not in caplog.text, caplog.text
+  restored = ckpt.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state))
+  ckpt.close()
+  for key in state:
+    np.testing.assert_array_equal(restored[key], state[key])
