@@ -78,7 +78,10 @@ flags.DEFINE_string("table", None, "print the markdown table of this benchmark.j
 flags.DEFINE_string("worker", None, "internal: run our side of this row in this process and print JSON")
 flags.DEFINE_bool("count_flops", False, "internal: with --worker, only count the row's FLOPs (own process, so that "
                   "tracing the unrolled program does not count in the timed process's peak RSS)")
-flags.DEFINE_bool("remat", False, "ours: rematerialise the NVAE's cells in backward passes (model.remat_cells)")
+flags.DEFINE_bool("remat", None, "ours: rematerialise the NVAE's cells in backward passes (default: the config's "
+                  "model.remat_cells for nvae rows, vae_remat_cells for the others)")
+flags.DEFINE_bool("scan_groups", True, "ours, nvae rows: one nn.scan per scale over the latent groups "
+                  "(model.scan_groups)")
 flags.DEFINE_string("profile", None, "with --worker: write a jax.profiler trace of the timed steps here")
 flags.DEFINE_string("conv_impl", "auto", "ours: auto | xla | fast_cpu")
 flags.DEFINE_enum("reference_device", "cpu", ["cpu", "cuda"], "where the reference runs: cpu (refbench.py as it "
@@ -161,7 +164,8 @@ def _stage2_models(dataset):
   from vaebm_jax import train_vae
   from vaebm_jax.workdir import create_ebm
   vae_cfg, ebm_cfg = common.stage_configs(dataset)
-  vae_cfg.model.update(conv_impl=FLAGS.conv_impl, remat_cells=FLAGS.remat)
+  remat = bool(ebm_cfg.get("vae_remat_cells")) if FLAGS.remat is None else FLAGS.remat   # as stage 2 loads it
+  vae_cfg.model.update(conv_impl=FLAGS.conv_impl, remat_cells=remat)
   ebm_cfg.ebm.conv_impl = FLAGS.conv_impl
   vae = train_vae.create_model(vae_cfg).clone(scan_groups=bool(ebm_cfg.get("vae_scan_groups", False)))
   x = jnp.zeros((1,) + tuple(vae.image_shape))
@@ -191,7 +195,7 @@ def ours_langevin(dataset, batch):
     return dict(flops_per_step=_flops(lambda k, p: chain(k, p, 2, 2), jax.random.key(2), params)
                 - _flops(lambda k, p: chain(k, p, 1, 1), jax.random.key(2), params))
   t0 = time.perf_counter()
-  compiled = jax.jit(chain, compiler_options=parallel.compiler_options(FLAGS.remat)).lower(
+  compiled = jax.jit(chain, compiler_options=parallel.compiler_options(vae.remat_cells)).lower(
       jax.random.key(2), params).compile()
   compile_s = time.perf_counter() - t0
   temp_gb = _temp_gb(compiled)
@@ -237,7 +241,7 @@ def ours_ebm(dataset, batch):
                                       jax.random.key(1)))
   t0 = time.perf_counter()
   compiled = jax.jit(step, in_shardings=(repl, sharded, repl, repl), out_shardings=(repl, repl), donate_argnums=0,
-                     compiler_options=parallel.compiler_options(FLAGS.remat)).lower(
+                     compiler_options=parallel.compiler_options(vae.remat_cells)).lower(
                          state, x, vae_variables, jax.random.key(1)).compile()
   compile_s = time.perf_counter() - t0
   temp_gb = _temp_gb(compiled)
@@ -255,11 +259,13 @@ def ours_nvae(dataset, batch):
 
   from vaebm_jax import objectives, parallel, train_vae
   config, _ = common.stage_configs(dataset)
-  config.model.update(conv_impl=FLAGS.conv_impl, remat_cells=FLAGS.remat)
+  config.model.update(conv_impl=FLAGS.conv_impl)
+  if FLAGS.remat is not None:
+    config.model.remat_cells = FLAGS.remat
   batch = batch or config.train.batch_size
   mesh = parallel.create_mesh()
   parallel.check_batch_size(batch, mesh)
-  model = train_vae.create_model(config)
+  model = train_vae.create_model(config).clone(scan_groups=FLAGS.scan_groups)
   tx, schedule = train_vae.create_optimizer(config, steps_per_epoch=195, epochs=max(config.train.epochs, 1))
   repl, sharded = parallel.replicated(mesh), parallel.data_sharded(mesh)
   if FLAGS.count_flops:          # XLA counts a loop body once: count the NVAE with its groups unscanned
@@ -279,7 +285,7 @@ def ours_nvae(dataset, batch):
     return dict(flops_per_step=_flops(step, state, x, jax.random.key(1)))
   t0 = time.perf_counter()
   compiled = jax.jit(step, in_shardings=(repl, sharded, repl), out_shardings=(repl, repl), donate_argnums=0,
-                     compiler_options=parallel.compiler_options(FLAGS.remat)).lower(
+                     compiler_options=parallel.compiler_options(model.remat_cells)).lower(
                          state, x, jax.random.key(1)).compile()
   compile_s = time.perf_counter() - t0
   temp_gb = _temp_gb(compiled)
@@ -389,7 +395,7 @@ def run_reference(ref, row, batch, args, device="cpu"):
 def run_ours(row):
   cmd = [sys.executable, os.path.abspath(__file__), f"--worker={row}", f"--repeats={FLAGS.repeats}",
          f"--chain_steps={FLAGS.chain_steps}", f"--conv_impl={FLAGS.conv_impl}", f"--batch={FLAGS.batch}",
-         f"--devices={FLAGS.devices}", f"--remat={FLAGS.remat}"]
+         f"--devices={FLAGS.devices}"] + ([] if FLAGS.remat is None else [f"--remat={FLAGS.remat}"])
   out, rss, wall, foreign = _measure(cmd)
   result = dict(out, peak_rss_gb=rss, wall_s=wall, foreign_cpu_frac=foreign)
   if row in ROWS and FLAGS.flops:

@@ -134,7 +134,8 @@ def test_vae_remat_cells_gives_the_same_langevin_gradient(workdirs):
   remat.vae_remat_cells = True
   grads = []
   for cfg in (config, remat):
-    vae, variables, _, _ = workdir.load_stage1_of(str(root / "ebm"), cfg)
+    vae, variables, vae_config, _ = workdir.load_stage1_of(str(root / "ebm"), cfg)
+    assert vae_config.model.remat_cells             # stage 1 trained with remat (digits_vae); stage 2 decides
     assert vae.remat_cells == cfg.vae_remat_cells
     ebm = workdir.create_ebm(cfg)
     params = {"vae": variables, "ebm": {"params": state.params}}

@@ -174,10 +174,13 @@ def read_stage1_record(workdir: str) -> Optional[dict[str, Any]]:
 
 
 def load_stage1_of(workdir: str, config: ml_collections.ConfigDict):
-  """`_load_stage1_of`, with the NVAE's cells rematerialised when `config.vae_remat_cells` is set."""
+  """`_load_stage1_of`, with the NVAE's cells rematerialised exactly when `config.vae_remat_cells` is set.
+
+  Stage 2 decides, whatever stage 1 trained with: on CPU, remat speeds up stage 1's scanned groups but
+  slows the Langevin gradient through the unscanned NVAE (experiments/RESULTS.md, issue 10)."""
   vae, variables, vae_config, record = _load_stage1_of(workdir, config)
-  if config.get("vae_remat_cells") and isinstance(vae, nvae.NVAE):
-    vae = vae.clone(remat_cells=True)        # same parameters; only the gradient's memory changes
+  if isinstance(vae, nvae.NVAE):
+    vae = vae.clone(remat_cells=bool(config.get("vae_remat_cells")))   # same parameters and results
   return vae, variables, vae_config, record
 
 
