@@ -22,7 +22,7 @@ def get_config(arg: str = ""):
                       eval_batch_size=64)
   config.optim.update(learning_rate=5e-3, warmup_epochs=1.0)
   config.objective.weight_decay_norm = 1e-2
-  # On CPU, recomputing the cells in the backward pass is faster than storing them from the scanned
-  # groups, and uses less memory (1.82 vs 2.06 s/step and 3.3 vs 5.3 GB for fashion_mnist; RESULTS.md).
+  # Recompute the cells in the backward pass: on CPU faster and leaner than storing every activation of
+  # the scanned groups (experiments/RESULTS.md, issue 10); the same gradients.
   config.model.remat_cells = True
   return common.apply_variant(config, arg)
