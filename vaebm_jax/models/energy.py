@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vaebm_jax.models.layers import Conv2D, torch_uniform_init
+from vaebm_jax.models.layers import Conv2D, swish, torch_uniform_init
 
 # Block lists in units of n_channel: (channel multiple, downsample).
 ARCHITECTURES = {
@@ -26,7 +26,7 @@ ARCHITECTURES = {
 
 def lip_swish(x: jax.Array) -> jax.Array:
   """Swish scaled to be ≈1-Lipschitz: x·sigmoid(x)/1.1."""
-  return nn.swish(x) / 1.1
+  return swish(x) / 1.1
 
 
 class ResBlock(nn.Module):
