@@ -169,7 +169,13 @@ def _stage2_models(dataset):
   ebm_cfg.ebm.conv_impl = FLAGS.conv_impl
   vae = train_vae.create_model(vae_cfg).clone(scan_groups=bool(ebm_cfg.get("vae_scan_groups", False)))
   x = jnp.zeros((1,) + tuple(vae.image_shape))
-  vae_variables = _random_variables(lambda k: vae.init({"params": k, "sample": k}, x, False), jax.random.key(0))
+  # What stage 2 restores (`workdir.load_vae`): not init's sown `normalized_weights`, a second copy of
+  # the weights (0.52 GB for CIFAR-10) that no sampler or EBM step of ours holds.
+  # Of those, stage 2 holds only what the decoder reads (`interface.decoder_variables`, as `train_ebm` and
+  # `evaluate.draw_samples` do): the encoder tower is another 0.29 GB.
+  init = lambda k: vae.decoder_variables({c: v for c, v in vae.init({"params": k, "sample": k}, x, False).items()
+                                          if c in ("params", "batch_stats")})
+  vae_variables = _random_variables(init, jax.random.key(0))
   return vae_cfg, ebm_cfg, vae, vae_variables, create_ebm(ebm_cfg, data_init=False)
 
 
@@ -182,6 +188,7 @@ def ours_langevin(dataset, batch):
   params = {"vae": vae_variables, "ebm": _random_variables(lambda k: ebm.init(k, x), jax.random.key(1))}
   mesh = parallel.create_mesh()
   params = jax.device_put(params, parallel.replicated(mesh))
+  del vae_variables               # the host copy: a sampler loaded by `load_vaebm` holds only the device ones
   steps = FLAGS.chain_steps
 
   def chain(key, params, num_steps=steps, unroll=1):

@@ -142,6 +142,32 @@ def test_decode_from_eps_equals_prior_sampling_for_same_noise():
 
 
 @pytest.mark.slow
+def test_decoder_variables_are_all_that_decoding_reads():
+  """Stage 2 keeps only `decoder_variables` on its devices: decoding (and its ε-gradient) gives the same
+  numbers from them, scanned or not, and the encoder's weights are gone."""
+  from flax import traverse_util
+
+  from vaebm_jax.models import interface
+  model = tiny_nvae(num_groups_per_scale=3)
+  x = jnp.zeros((2, 16, 16, 1))
+  variables = jax.jit(model.init, static_argnums=2)({"params": jax.random.key(0), "sample": jax.random.key(1)}, x, True)
+  variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  eps = nvae.sample_latent_noise(jax.random.key(2), model, 2)
+  eps_x = jax.random.normal(jax.random.key(3), x.shape)
+  for m, v in ((model, variables), (model.clone(scan_groups=False), nvae.unstack_groups(variables))):
+    dec = interface.decoder_variables(m, v)
+    names = {"/".join(k) for k in traverse_util.flatten_dict(dec["params"])}
+    assert not any(n.startswith(("enc_groups", "pre_process", "stem", "enc0", "enc_sampler_top")) for n in names)
+    assert not any("/enc_combiner/" in n or "/enc_sampler/" in n for n in names)
+    assert any("/dec_cell_0/" in n for n in names)
+    assert len(names) < len(traverse_util.flatten_dict(v["params"]))
+    run = jax.jit(lambda v, e: nvae.decode_from_eps(m, v, e, eps_x))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), run(v, eps), run(dec, eps))
+    grad = jax.jit(jax.grad(lambda e, v: jnp.sum(nvae.decode_from_eps(m, v, e, eps_x)["x"] ** 2)))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), grad(eps, v), grad(eps, dec))
+
+
+@pytest.mark.slow
 def test_unscanned_groups_compute_the_same_model():
   """scan_groups=False (stage 2's straight-line decoder) on unstacked variables = the scanned NVAE."""
   model = tiny_nvae(num_groups_per_scale=3)

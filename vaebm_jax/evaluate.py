@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from vaebm_jax.models import nvae
+from vaebm_jax.models import interface, nvae
 
 
 def _count(tree) -> int:
@@ -123,6 +123,7 @@ def draw_samples(workdir: str, num_samples: int, batch_size: int, seed: int = 0,
   if cache_dir is not None:
     cache_dir = os.path.join(cache_dir, fingerprint(params, sorted(settings.items()), seed, batch_size))
     os.makedirs(cache_dir, exist_ok=True)
+  params = dict(params, vae=interface.decoder_variables(vae, params["vae"]))   # the sampler only decodes
   key = jax.random.key(seed)
   images, start = [], time.time()
   for i in range(-(-num_samples // batch_size)):

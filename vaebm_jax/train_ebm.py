@@ -23,7 +23,7 @@ from absl import logging
 
 from vaebm_jax import data, loop, objectives, optim, parallel, sampling
 from vaebm_jax import workdir as workdir_lib
-from vaebm_jax.models import nvae
+from vaebm_jax.models import interface, nvae
 from vaebm_jax.models.energy import EnergyNet
 from vaebm_jax.workdir import WorkdirError, create_ebm, sampling_settings
 
@@ -189,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> EBMTr
   if jax.process_index() == 0:
     workdir_lib.write_stage1_record(workdir, stage1)
   mesh, repl, sharded = run.mesh, run.replicated, run.data_sharded
-  vae_variables = jax.device_put(vae_variables, repl)
+  vae_variables = jax.device_put(interface.decoder_variables(vae, vae_variables), repl)   # stage 2 only decodes
 
   train_ds = data.create_dataset(
       config.data.name, "train", image_size=vae.image_shape[0], image_channels=vae.image_shape[-1],

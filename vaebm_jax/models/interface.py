@@ -45,6 +45,13 @@ class LikelihoodVAE(ReparameterizedVAE, Protocol):
   def log_importance_weight(self, variables: Any, x: jax.Array, key: jax.Array) -> jax.Array: ...
 
 
+def decoder_variables(vae: ReparameterizedVAE, variables: Any) -> Any:
+  """What `vae.decode_from_eps` needs of `variables`: `vae.decoder_variables(variables)` where the VAE
+  offers it (the NVAE drops its encoder), else all of them. Stage 2 only decodes."""
+  select = getattr(vae, "decoder_variables", None)
+  return select(variables) if select is not None else variables
+
+
 def check_vae(vae: Any) -> ReparameterizedVAE:
   """Returns `vae` if it implements `ReparameterizedVAE`, else one clear TypeError."""
   missing = [name for name in ("image_shape", "latent_shapes", "decode_from_eps") if not hasattr(vae, name)]

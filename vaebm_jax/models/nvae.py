@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import flax.struct
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -493,6 +494,15 @@ class NVAE(nn.Module):
                       temperature: float = 1.0) -> dict[str, jax.Array]:
     """T_θ(ε_z, ε_x) with eval-mode BN; see the module-level `decode_from_eps`."""
     return decode_from_eps(self, variables, eps_z, eps_x, temperature)
+
+  @nn.nowrap
+  def decoder_variables(self, variables: Any) -> dict:
+    """The part of `variables` that `decode_from_eps` reads: the decoder path (`DECODER_MODULES`,
+    inside the latent groups too), without the encoder tower, encoder combiners and samplers, and
+    flows. For stage 2, which only decodes: about half the memory of a CIFAR-10 NVAE's weights."""
+    keep = lambda path: any(DECODER_MODULES.match(p) for p in path)
+    return {col: traverse_util.unflatten_dict({k: v for k, v in traverse_util.flatten_dict(tree).items() if keep(k)})
+            for col, tree in variables.items()}
 
   @nn.nowrap
   def log_importance_weight(self, variables: Any, x: jax.Array, key: jax.Array) -> jax.Array:
