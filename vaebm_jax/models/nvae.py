@@ -13,9 +13,9 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import flax.struct
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from vaebm_jax.models import distributions
 from vaebm_jax.models.layers import ARCH_CELLS, Cell, Conv2D
