@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from vaebm_jax.models import interface, nvae
 
@@ -29,8 +28,7 @@ def nvae_parameter_table(model: nvae.NVAE) -> tuple[list[tuple[str, int]], int, 
   for name, sub in shapes.items():
     owner = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name
     groups[owner] = groups.get(owner, 0) + _count(sub)
-  flat = traverse_util.flatten_dict(shapes)
-  decoder = sum(int(np.prod(v.shape)) for k, v in flat.items() if any(nvae.DECODER_MODULES.match(p) for p in k))
+  decoder = _count(model.decoder_variables({"params": shapes})["params"])
   return sorted(groups.items()), _count(shapes), decoder
 
 
