@@ -5,6 +5,7 @@ batch; the reference's is 32 per GPU × 8 GPUs = 256.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 
@@ -48,7 +49,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   model.res_dist = True
   model.arch_instance = "res_mbconv"
   model.conv_impl = "auto"          # auto | xla | fast_cpu
-  model.remat_cells = False
+  # Rematerialise cells in the backward pass: None = on CPU only (faster there: the NVAE step, issue
+  # 10), off elsewhere as in the reference; True/False to choose. With remat_keep_convs the
+  # convolutions' outputs are kept and only BN, Swish and SE are recomputed.
+  model.remat_cells = config_dict.placeholder(bool)
+  model.remat_keep_convs = True
 
   config.train = train = ml_collections.ConfigDict()
   train.batch_size = 256

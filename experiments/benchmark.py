@@ -162,12 +162,13 @@ def _stage2_models(dataset):
   import jax.numpy as jnp
 
   from vaebm_jax import train_vae
-  from vaebm_jax.workdir import create_ebm
+  from vaebm_jax.workdir import create_ebm, stage2_vae
   vae_cfg, ebm_cfg = common.stage_configs(dataset)
-  remat = bool(ebm_cfg.get("vae_remat_cells")) if FLAGS.remat is None else FLAGS.remat   # as stage 2 loads it
-  vae_cfg.model.update(conv_impl=FLAGS.conv_impl, remat_cells=remat)
-  ebm_cfg.ebm.conv_impl = FLAGS.conv_impl
-  vae = train_vae.create_model(vae_cfg).clone(scan_groups=bool(ebm_cfg.get("vae_scan_groups", False)))
+  if FLAGS.remat is not None:
+    ebm_cfg.vae_remat_cells = FLAGS.remat
+  vae_cfg.model.conv_impl = ebm_cfg.ebm.conv_impl = FLAGS.conv_impl
+  vae = stage2_vae(train_vae.create_model(vae_cfg).clone(scan_groups=bool(ebm_cfg.get("vae_scan_groups", False))),
+                   ebm_cfg)
   x = jnp.zeros((1,) + tuple(vae.image_shape))
   # What stage 2 restores (`workdir.load_vae`): not init's sown `normalized_weights`, a second copy of
   # the weights (0.52 GB for CIFAR-10) that no sampler or EBM step of ours holds.
@@ -202,7 +203,7 @@ def ours_langevin(dataset, batch):
     return dict(flops_per_step=_flops(lambda k, p: chain(k, p, 2, 2), jax.random.key(2), params)
                 - _flops(lambda k, p: chain(k, p, 1, 1), jax.random.key(2), params))
   t0 = time.perf_counter()
-  compiled = jax.jit(chain, compiler_options=parallel.compiler_options(vae.remat_cells)).lower(
+  compiled = jax.jit(chain, compiler_options=parallel.compiler_options_for(vae)).lower(
       jax.random.key(2), params).compile()
   compile_s = time.perf_counter() - t0
   temp_gb = _temp_gb(compiled)
@@ -248,7 +249,7 @@ def ours_ebm(dataset, batch):
                                       jax.random.key(1)))
   t0 = time.perf_counter()
   compiled = jax.jit(step, in_shardings=(repl, sharded, repl, repl), out_shardings=(repl, repl), donate_argnums=0,
-                     compiler_options=parallel.compiler_options(vae.remat_cells)).lower(
+                     compiler_options=parallel.compiler_options_for(vae)).lower(
                          state, x, vae_variables, jax.random.key(1)).compile()
   compile_s = time.perf_counter() - t0
   temp_gb = _temp_gb(compiled)
@@ -292,7 +293,7 @@ def ours_nvae(dataset, batch):
     return dict(flops_per_step=_flops(step, state, x, jax.random.key(1)))
   t0 = time.perf_counter()
   compiled = jax.jit(step, in_shardings=(repl, sharded, repl), out_shardings=(repl, repl), donate_argnums=0,
-                     compiler_options=parallel.compiler_options(model.remat_cells)).lower(
+                     compiler_options=parallel.compiler_options_for(model)).lower(
                          state, x, jax.random.key(1)).compile()
   compile_s = time.perf_counter() - t0
   temp_gb = _temp_gb(compiled)

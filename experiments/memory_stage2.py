@@ -47,8 +47,10 @@ def measure(name: str) -> dict:
 
   vae_config, config = common.stage_configs(name)
   batch, hardware = CONFIGS[name]
-  remat = bool(config.get("vae_remat_cells", False)) if FLAGS.remat is None else FLAGS.remat
-  vae = workdir.create_vae(vae_config).clone(scan_groups=False, remat_cells=remat)   # as stage 2 loads it
+  if FLAGS.remat is not None:
+    config.vae_remat_cells = FLAGS.remat
+  remat = bool(config.get("vae_remat_cells", False))
+  vae = workdir.stage2_vae(workdir.create_vae(vae_config).clone(scan_groups=False), config)   # as stage 2 loads it
   ebm = workdir.create_ebm(config, data_init=False)
   tx = train_ebm.create_optimizer(config)
   mesh = parallel.create_mesh(jax.devices()[:1])
@@ -61,7 +63,7 @@ def measure(name: str) -> dict:
                                            buffer_shards=1), jax.random.key(1), jnp.zeros(x.shape))
   step = jax.jit(lambda s, b, k, vv: train_ebm.train_step(s, b, k, vae=vae, vae_variables=vv, ebm=ebm, tx=tx,
                                                           settings=train_ebm.StepSettings.of(config), mesh=mesh),
-                 donate_argnums=0, compiler_options=parallel.compiler_options(remat))
+                 donate_argnums=0, compiler_options=parallel.compiler_options_for(vae))
   t0 = time.time()
   compiled = step.lower(state, x, jax.random.key(2), vae_variables).compile()
   compile_s = time.time() - t0

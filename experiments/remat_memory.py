@@ -32,7 +32,7 @@ def main(_):
   arch = ARCH_CELLS["res_mbconv"]["normal_dec"]
 
   class Stack(nn.Module):
-    remat: bool
+    remat: str
 
     @nn.compact
     def __call__(self, x):
@@ -41,9 +41,10 @@ def main(_):
       return jnp.sum(x ** 2)
 
   x = jax.ShapeDtypeStruct((FLAGS.batch, FLAGS.size, FLAGS.size, FLAGS.features), jnp.float32)
-  variables = jax.eval_shape(lambda k: Stack(False).init(k, jnp.zeros(x.shape)), jax.random.key(0))
-  for label, remat, options in (("no remat", False, None), ("remat", True, None),
-                                ("remat + compiler_options", True, parallel.compiler_options(True))):
+  variables = jax.eval_shape(lambda k: Stack("off").init(k, jnp.zeros(x.shape)), jax.random.key(0))
+  for label, remat, options in (("no remat", "off", None), ("remat", "all", None),
+                                ("remat + compiler_options", "all", parallel.compiler_options(True)),
+                                ("keep_convs + compiler_options", "keep_convs", parallel.compiler_options(True))):
     model = Stack(remat)
     compiled = jax.jit(jax.grad(lambda x, v, m=model: m.apply(v, x)), compiler_options=options).lower(
         x, variables).compile()

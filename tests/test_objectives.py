@@ -53,6 +53,31 @@ def test_spectral_penalty_converges_to_largest_singular_values():
   np.testing.assert_allclose(np.linalg.norm(np.asarray(g)), 1.0, rtol=1e-3)
 
 
+def test_spectral_state_keeps_the_reference_layout():
+  """u, v per shape as the reference keeps them: rows of W viewed (C_out, C_in·kh·kw) in OIHW order,
+  stacked in sorted kernel-name order (scanned kernels row by row); four power iterations as NVAE's
+  `spectral_norm_parallel` runs them, here in numpy on the reference's matrices."""
+  key = jax.random.key(3)
+  stacked = jax.random.normal(key, (2, 3, 3, 4, 6))                        # a scanned module: 2 kernels
+  single = jax.random.normal(jax.random.fold_in(key, 1), (3, 3, 4, 6))
+  sown = {"b": {"kernel": (single,)}, "a": {"kernel": (stacked,)}}
+  state = objectives.init_spectral_state(jax.random.key(1), sown, num_iter=3)
+  penalty, new = objectives.spectral_norm_penalty(sown, state, num_iter=4)
+
+  w = np.concatenate([np.asarray(stacked), np.asarray(single)[None]])        # "a" before "b"
+  w = w.transpose(0, 4, 3, 1, 2).reshape(3, 6, 36)                           # OIHW, then (C_out, C_in·k·k)
+  u, v = np.asarray(state["6x36"]["u"], np.float64), np.asarray(state["6x36"]["v"], np.float64)
+  unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-3)
+  for _ in range(4):
+    v = unit(np.einsum("nr,nrc->nc", u, w))
+    u = unit(np.einsum("nrc,nc->nr", w, v))
+  np.testing.assert_allclose(new["6x36"]["u"], u, atol=2e-5)
+  np.testing.assert_allclose(new["6x36"]["v"], v, atol=2e-5)
+  np.testing.assert_allclose(penalty, np.einsum("nr,nrc,nc->", u, w, v), rtol=1e-5)
+  penalty0, _ = objectives.spectral_norm_penalty(sown, new, num_iter=0)           # σ from the state's u, v
+  np.testing.assert_allclose(penalty0, np.einsum("nr,nrc,nc->", u, w, v), rtol=1e-5)
+
+
 def test_torch_adamax_formula():
   """u = max(β₂u, |g| + eps); θ -= lr/(1 − β₁^t) · m/u, with coupled weight decay."""
   tx = optim.nvae_optimizer(0.1, weight_decay=0.01, eps=1e-3)

@@ -141,7 +141,7 @@ def test_vae_remat_cells_gives_the_same_langevin_gradient(workdirs):
     params = {"vae": variables, "ebm": {"params": state.params}}
     eps = sampling.initial_noise(jax.random.key(3), vae, 4)
     grad = jax.jit(jax.grad(lambda e: sampling.potential_fn(e[0], e[1], params, vae=vae, ebm=ebm)[0].sum()),
-                   compiler_options=parallel.compiler_options(vae.remat_cells))
+                   compiler_options=parallel.compiler_options_for(vae))
     grads.append(jax.device_get(grad(eps)))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
 

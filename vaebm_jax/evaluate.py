@@ -117,7 +117,7 @@ def draw_samples(workdir: str, num_samples: int, batch_size: int, seed: int = 0,
   batch_size = min(batch_size, num_samples)
   draw = jax.jit(functools.partial(sampling.sample_fn, vae=vae, ebm=ebm, num_samples=batch_size, clip=False,
                                    **settings),
-                 compiler_options=parallel.compiler_options(getattr(vae, "remat_cells", False)))
+                 compiler_options=parallel.compiler_options_for(vae))
   if cache_dir is not None:
     cache_dir = os.path.join(cache_dir, fingerprint(params, sorted(settings.items()), seed, batch_size))
     os.makedirs(cache_dir, exist_ok=True)

@@ -31,6 +31,13 @@ def compiler_options(remat: bool) -> Optional[dict]:
   return None
 
 
+def compiler_options_for(model) -> Optional[dict]:
+  """`compiler_options` for a program that runs `model`: an NVAE says whether its cells rematerialise
+  (`remat_mode`); other models do not."""
+  remat_mode = getattr(model, "remat_mode", None)
+  return compiler_options(remat_mode is not None and remat_mode() != "off")
+
+
 def create_mesh(devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
   devices = list(devices) if devices is not None else jax.devices()
   return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)

@@ -219,13 +219,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> EBMTr
         lambda state, batch, key, vv: train_step(state, batch, key, vae=vae, vae_variables=vv, ebm=ebm, tx=tx,
                                                  settings=StepSettings.of(config), mesh=mesh),
         in_shardings=(state_sharding, sharded, repl, repl), out_shardings=(state_sharding, repl), donate_argnums=0,
-        compiler_options=parallel.compiler_options(getattr(vae, "remat_cells", False)))
+        compiler_options=parallel.compiler_options_for(vae))
     return lambda state, batch: p_train_step(state, batch, train_key, vae_variables)
 
   num = config.train.num_image_samples
   p_sample = jax.jit(functools.partial(sampling.sample_fn, vae=vae, ebm=ebm, num_samples=num, mesh=mesh,
                                        **sampling_settings(config)),
-                     compiler_options=parallel.compiler_options(getattr(vae, "remat_cells", False)))
+                     compiler_options=parallel.compiler_options_for(vae))
   p_vae_sample = jax.jit(lambda v, k: sampling.vae_samples(k, v, vae=vae, num_samples=num,
                                                             temperature=config.langevin.temperature, mesh=mesh))
 

@@ -182,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> VAETr
         functools.partial(train_step, model=model, tx=tx, schedule=schedule, settings=StepSettings.of(config),
                           total_steps=total_steps, alpha=alpha),
         in_shardings=(state_sharding, sharded, repl), out_shardings=(state_sharding, repl), donate_argnums=0,
-        compiler_options=parallel.compiler_options(getattr(model, "remat_cells", False)))
+        compiler_options=parallel.compiler_options_for(model))
     return lambda state, batch: p_train_step(state, batch, train_key)
   p_eval_step = jax.jit(functools.partial(eval_step, model=model), in_shardings=(repl, sharded, repl),
                         out_shardings=sharded)

@@ -173,15 +173,21 @@ def read_stage1_record(workdir: str) -> Optional[dict[str, Any]]:
     return json.load(f)
 
 
-def load_stage1_of(workdir: str, config: ml_collections.ConfigDict):
-  """`_load_stage1_of`, with the NVAE's cells rematerialised exactly when `config.vae_remat_cells` is set.
+def stage2_vae(vae, config: ml_collections.ConfigDict):
+  """The NVAE as stage 2 runs it: whole cells rematerialised exactly when `config.vae_remat_cells` is set.
 
   Stage 2 decides, whatever stage 1 trained with: on CPU, remat speeds up stage 1's scanned groups but
-  slows the Langevin gradient through the unscanned NVAE (experiments/RESULTS.md, issue 10)."""
+  slows the Langevin gradient through the unscanned NVAE, so stage 2 uses it for memory only, and then
+  recomputes whole cells (experiments/RESULTS.md, issue 10). Same parameters and results."""
+  if not isinstance(vae, nvae.NVAE):
+    return vae
+  return vae.clone(remat_cells=bool(config.get("vae_remat_cells")), remat_keep_convs=False)
+
+
+def load_stage1_of(workdir: str, config: ml_collections.ConfigDict):
+  """`_load_stage1_of`, its NVAE as `stage2_vae` sets it up."""
   vae, variables, vae_config, record = _load_stage1_of(workdir, config)
-  if isinstance(vae, nvae.NVAE):
-    vae = vae.clone(remat_cells=bool(config.get("vae_remat_cells")))   # same parameters and results
-  return vae, variables, vae_config, record
+  return stage2_vae(vae, config), variables, vae_config, record
 
 
 def _load_stage1_of(workdir: str, config: ml_collections.ConfigDict):

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from vaebm_jax.models import depthwise
 
@@ -23,6 +24,16 @@ CONV_IMPLS = ("auto", "xla", "fast_cpu")
 BN_EPS = 1e-5
 # PyTorch momentum 0.05 == running = 0.95 * running + 0.05 * batch.
 BN_TORCH_MOMENTUM = 0.05
+
+
+# Every conv2d output carries this name: `nn.remat` policies keep them (models.nvae "keep_convs").
+CONV_OUTPUT = "conv_output"
+
+
+def resolve_remat(remat: Optional[bool]) -> bool:
+  """None means: rematerialise where that was measured faster, i.e. on CPU (experiments/RESULTS.md,
+  the NVAE step); elsewhere off, the reference's setting."""
+  return jax.default_backend() == "cpu" if remat is None else bool(remat)
 
 
 def resolve_conv_impl(impl: str) -> str:
@@ -118,6 +129,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
   Returns:
     (B, H', W', C_out).
   """
+  return checkpoint_name(_conv2d(x, kernel, stride, padding, groups, impl), CONV_OUTPUT)
+
+
+def _conv2d(x, kernel, stride, padding, groups, impl):
   impl = resolve_conv_impl(impl)
   k = kernel.shape[0]
   if impl == "fast_cpu":

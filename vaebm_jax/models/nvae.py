@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from vaebm_jax.models import distributions
-from vaebm_jax.models.layers import ARCH_CELLS, Cell, Conv2D
+from vaebm_jax.models.layers import ARCH_CELLS, CONV_OUTPUT, Cell, Conv2D, resolve_remat
 
 CHANNEL_MULT = 2
 
@@ -100,8 +100,19 @@ class ElboOutput:
 _SCANNED_COLLECTIONS = {"params": 0, "batch_stats": 0, "normalized_weights": 0}
 
 
-def _cell_class(remat: bool):
-  return nn.remat(Cell, static_argnums=(2,)) if remat else Cell
+REMAT_MODES = ("off", "keep_convs", "all")
+
+
+def _cell_class(remat: str):
+  """`Cell`, or `Cell` under `nn.remat`. "keep_convs": the backward pass recomputes each cell's BN,
+  Swish and SE from its convolutions' outputs, which are kept (`layers.CONV_OUTPUT`); "all": it
+  recomputes the whole cell from its input (least memory, the convolutions run twice)."""
+  if remat not in REMAT_MODES:
+    raise ValueError(f"remat must be one of {REMAT_MODES}, got {remat!r}")
+  if remat == "off":
+    return Cell
+  policy = jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT) if remat == "keep_convs" else None
+  return nn.remat(Cell, static_argnums=(2,), policy=policy)
 
 
 def _scanned(module_cls, length: int, in_axes, methods=None):
@@ -144,7 +155,7 @@ class EncoderGroup(nn.Module):
   arch: Sequence[str]
   use_se: bool = True
   conv_impl: str = "auto"
-  remat: bool = False
+  remat: str = "off"           # REMAT_MODES
 
   @nn.compact
   def __call__(self, s: jax.Array, train: bool):
@@ -173,7 +184,7 @@ class LatentGroup(nn.Module):
   res_dist: bool = True
   use_se: bool = True
   conv_impl: str = "auto"
-  remat: bool = False
+  remat: str = "off"           # REMAT_MODES
 
   def setup(self):
     impl, nz = self.conv_impl, self.num_latent
@@ -256,7 +267,12 @@ class NVAE(nn.Module):
   res_dist: bool = True
   arch_instance: str = "res_mbconv"
   conv_impl: str = "auto"
-  remat_cells: bool = False    # rematerialise cells in the backward pass (saves memory)
+  # Rematerialise cells in the backward pass: True, False, or None (on where it was measured faster,
+  # i.e. on CPU; off elsewhere, the reference's setting). With `remat_keep_convs` the convolutions'
+  # outputs are kept and only BN, Swish and SE are recomputed (stage 1 on CPU: faster than both other
+  # choices, experiments/RESULTS.md); without, whole cells (least memory: stage 2 uses this).
+  remat_cells: Optional[bool] = False
+  remat_keep_convs: bool = True
   scan_groups: bool = True     # one nn.scan per scale over its latent groups (see the class docstring)
 
   # -------------------------------------------------------------------------------- layout
@@ -305,7 +321,7 @@ class NVAE(nn.Module):
                        f"num_latent_scales - 1)")
     arch = ARCH_CELLS[self.arch_instance]
     impl = self.conv_impl
-    cell_cls = _cell_class(self.remat_cells)
+    cell_cls = _cell_class(self.remat_mode())
 
     def cell(features, cell_type):
       return cell_cls(features, cell_type, arch[cell_type], self.use_se, impl)
@@ -337,7 +353,7 @@ class NVAE(nn.Module):
     if not self.vanilla_vae:
       for s in range(scales):
         enc_groups.update(groups(EncoderGroup, s, self.groups[s], (nn.broadcast,), None, int(c_enc * mult),
-                                 self.num_cell_per_cond_enc, arch["normal_enc"], self.use_se, impl, self.remat_cells))
+                                 self.num_cell_per_cond_enc, arch["normal_enc"], self.use_se, impl, self.remat_mode()))
         if s < scales - 1:
           down_enc.append(cell(int(CHANNEL_MULT * c_enc * mult), "down_enc"))
           mult *= CHANNEL_MULT
@@ -356,7 +372,7 @@ class NVAE(nn.Module):
         latent_groups.update(groups(LatentGroup, s, n, (0, nn.broadcast), ["posterior", "prior"],
                                     int(c_enc * mult), int(c_dec * mult), self.num_cell_per_cond_dec, nz,
                                     self.num_nf, arch["normal_dec"], self.res_dist, self.use_se, impl,
-                                    self.remat_cells))
+                                    self.remat_mode()))
         if s < scales - 1:
           up_dec.append(cell(int(c_dec * mult / CHANNEL_MULT), "up_dec"))
           mult /= CHANNEL_MULT
@@ -487,6 +503,13 @@ class NVAE(nn.Module):
   @nn.nowrap
   def decoder_distribution(self, logits: jax.Array):
     return distributions.decoder_output(self.decoder, logits, self.num_mixture_dec, self.num_x_bits)
+
+  @nn.nowrap
+  def remat_mode(self) -> str:
+    """What the cells rematerialise (`REMAT_MODES`), `remat_cells` = None resolved for this backend."""
+    if not resolve_remat(self.remat_cells):
+      return "off"
+    return "keep_convs" if self.remat_keep_convs else "all"
 
   # ------------------------------------------------- interface.LikelihoodVAE (what stage 2 and metrics use)
   @nn.nowrap
