@@ -270,7 +270,8 @@ def test_swish_has_nn_swish_values_and_a_float32_accurate_derivative():
 def test_frozen_decoder_cells_keep_two_expanded_tensors_per_cell_for_the_input_gradient(monkeypatch):
   """The Langevin chain's case: eval-mode cells, gradient in the input only. `layers.swish` lets XLA keep
   the expand conv's and the depthwise conv's outputs (2 tensors of 6× width per cell); with `nn.swish`
-  it also kept both sigmoids (4 per cell), 3.56 GB instead of 2.05 GB per device at CIFAR-10 batch 16."""
+  it also kept both sigmoids (4 per cell), 3.56 GB instead of 2.05 GB per device at CIFAR-10 batch 16.
+  The fused eval-mode kernel (`depthwise.native_dwcell`, what the CPU runs) keeps only the first."""
   import flax.linen as nn
 
   from vaebm_jax.models.nvae import ARCH_CELLS, _cell_class
@@ -287,15 +288,23 @@ def test_frozen_decoder_cells_keep_two_expanded_tensors_per_cell_for_the_input_g
   x = jax.random.normal(jax.random.key(1), (b, hw, hw, c))
   variables = Stack().init(jax.random.key(0), x)
   temps, grads = {}, {}
-  for name, fn in (("layers", layers.swish), ("nn", nn.swish)):
-    monkeypatch.setattr(layers, "swish", fn)
+
+  def measure(name):
     compiled = jax.jit(jax.grad(lambda x, v: Stack().apply(v, x))).lower(x, variables).compile()
     temps[name] = compiled.memory_analysis().temp_size_in_bytes
     grads[name] = np.asarray(compiled(x, variables))
+
+  measure("fused")
+  monkeypatch.setattr(depthwise, "dwcell_supported", lambda *_: False)
+  for name, fn in (("layers", layers.swish), ("nn", nn.swish)):
+    monkeypatch.setattr(layers, "swish", fn)
+    measure(name)
   np.testing.assert_allclose(grads["layers"], grads["nn"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grads["fused"], grads["nn"], rtol=1e-5, atol=1e-6)
   if jax.default_backend() == "cpu":
     expanded = b * hw * hw * 6 * c * 4
     assert temps["layers"] <= (2 * cells + 4) * expanded < temps["nn"], (temps, expanded)
+    assert temps["fused"] <= (cells + 4) * expanded, (temps, expanded)   # the fused kernel keeps x only
 
 
 def test_native_depthwise_under_vmap_gives_per_example_values_and_gradients():
@@ -308,3 +317,98 @@ def test_native_depthwise_under_vmap_gives_per_example_values_and_gradients():
   got, want = per_example(depthwise.native_depthwise_conv)(x, w), per_example(depthwise.shifted_depthwise_conv)(x, w)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+DWCELL_CASES = [  # (x shape, kernel size): vector blocks and single pixels, channel blocks and their tail
+    ((3, 9, 11, 48), 5),
+    ((2, 16, 16, 144), 5),      # 128 + 16 channels: two work units of different widths per image
+    ((1, 4, 3, 16), 5),         # smaller than the kernel
+    ((2, 8, 8, 32), 3),
+    ((1, 10, 9, 16), 7),
+]
+
+
+def _dwcell_args(xs, k, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 6)
+  c = xs[-1]
+  x = 2 * jax.random.normal(keys[0], xs)
+  w = 0.3 * jax.random.normal(keys[1], (k, k, c))
+  return (x, w) + tuple(jax.random.normal(kk, (c,)) for kk in keys[2:])
+
+
+@pytest.mark.parametrize("xs,k", DWCELL_CASES, ids=[f"{'x'.join(map(str, c[0]))}_k{c[1]}" for c in DWCELL_CASES])
+def test_fused_cell_kernel_matches_xla_values_and_every_gradient(xs, k):
+  """`native_dwcell` = swish(a2 · dw(swish(a1 · x + b1), w) + b2), and its VJP (the native input gradient,
+  the XLA parameter gradients) matches autodiff of that expression."""
+  args = _dwcell_args(xs, k)
+  probe = jax.random.normal(jax.random.key(9), xs)
+  np.testing.assert_allclose(jax.jit(depthwise.native_dwcell)(*args), depthwise.reference_dwcell(*args),
+                             rtol=1e-5, atol=1e-5)
+  grad = lambda fn: jax.jit(jax.grad(lambda *a: jnp.vdot(fn(*a), probe), argnums=tuple(range(6))))(*args)
+  for name, got, want in zip(("x", "w", "a1", "b1", "a2", "b2"), grad(depthwise.native_dwcell),
+                             grad(depthwise.reference_dwcell), strict=True):
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * scale, err_msg=name)
+
+
+def test_fused_cell_kernel_keeps_each_devices_share_of_the_batch():
+  """Under a data-parallel jit (4 devices) both kernels run on each device's quarter of the batch, with no
+  gather, and give the values of one device."""
+  mesh = parallel.create_mesh()
+  x, w, a1, b1, a2, b2 = _dwcell_args((8, 6, 6, 32), 5, seed=1)
+  probe = jax.random.normal(jax.random.key(2), x.shape)
+  fn = jax.jit(jax.value_and_grad(lambda x, p: jnp.vdot(depthwise.native_dwcell(x, w, a1, b1, a2, b2), p)))
+  xs, ps = (jax.device_put(a, parallel.data_sharded(mesh)) for a in (x, probe))
+  hlo = fn.lower(xs, ps).compile().as_text()
+  calls = [line for line in hlo.splitlines() if "custom_call_target=\"vaebm_dwcell" in line]
+  assert len(calls) == 2 and all("f32[2,6,6,32]" in line for line in calls), calls
+  assert "all-gather" not in hlo
+  (value, gx), (value1, gx1) = fn(xs, ps), fn(x, probe)
+  assert gx.sharding.spec == parallel.data_sharded(mesh).spec
+  np.testing.assert_allclose(value, value1, rtol=1e-5)
+  np.testing.assert_allclose(gx, gx1, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_cell_kernel_under_vmap():
+  """`jax.vmap` over the images folds into the kernels' batch; over the kernel (or BN) it runs XLA code."""
+  x, w, a1, b1, a2, b2 = _dwcell_args((3, 2, 6, 5, 16), 5, seed=3)
+  for fn_axes in ((0, None), (None, 0)):
+    ws = w if fn_axes[1] is None else jnp.stack([w, -w, 0.5 * w])
+    xs = x if fn_axes[0] == 0 else x[0]
+    per = lambda cell: jax.vmap(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(cell(x, w, a1, b1, a2, b2))),
+                                                   argnums=(0, 1)), in_axes=fn_axes)(xs, ws)
+    for got, want in zip(jax.tree.leaves(per(depthwise.native_dwcell)), jax.tree.leaves(per(depthwise.reference_dwcell)),
+                         strict=True):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels,fused", [(32, True), (20, False)])
+def test_eval_mode_inverted_residual_uses_the_fused_kernel_where_it_can(channels, fused, monkeypatch):
+  """An eval-mode decoder cell (expansion 6: 192 or 120 channels) on CPU runs the fused kernel where C is a
+  multiple of 16, with the values and gradients (input and every parameter) of the unfused cell; training
+  mode and other widths run the unfused code."""
+  cell = layers.InvertedResidual(channels, stride=1, expansion=6, kernel_size=5)
+  x = jax.random.normal(jax.random.key(4), (2, 8, 8, channels))
+  variables = cell.init(jax.random.key(5), x, train=False)
+  stats = jax.tree.map(lambda v: v + 0.3 * jax.random.uniform(jax.random.key(6), v.shape), variables["batch_stats"])
+  variables = {"params": variables["params"], "batch_stats": stats}
+
+  def run(train):
+    def loss(p, x):
+      if train:
+        out, _ = cell.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+      else:
+        out = cell.apply({"params": p, "batch_stats": stats}, x, train=False)
+      return jnp.sum(jnp.sin(out))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+  grad_fn = run(False)
+  assert ("vaebm_dwcell" in grad_fn.lower(variables["params"], x).as_text()) == fused
+  assert "vaebm_dwcell" not in run(True).lower(variables["params"], x).as_text()
+  got = grad_fn(variables["params"], x)
+  monkeypatch.setenv("VAEBM_JAX_FUSED_CELLS", "0")
+  unfused_fn = run(False)
+  assert "vaebm_dwcell" not in unfused_fn.lower(variables["params"], x).as_text()
+  want = unfused_fn(variables["params"], x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(b)))))

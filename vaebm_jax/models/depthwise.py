@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "depthwise.cc")
 _FWD, _WGRAD = "vaebm_depthwise_fwd", "vaebm_depthwise_wgrad"
+_CELL_FWD, _CELL_BWD = "vaebm_dwcell_fwd", "vaebm_dwcell_bwd"
 
 
 def _cpu_flags() -> str:
@@ -99,6 +100,8 @@ def available() -> bool:
     library = ctypes.cdll.LoadLibrary(path)
     jax.ffi.register_ffi_target(_FWD, jax.ffi.pycapsule(library.VaebmDepthwiseFwd), platform="cpu")
     jax.ffi.register_ffi_target(_WGRAD, jax.ffi.pycapsule(library.VaebmDepthwiseWgrad), platform="cpu")
+    jax.ffi.register_ffi_target(_CELL_FWD, jax.ffi.pycapsule(library.VaebmDwCellFwd), platform="cpu")
+    jax.ffi.register_ffi_target(_CELL_BWD, jax.ffi.pycapsule(library.VaebmDwCellBwd), platform="cpu")
   except (OSError, RuntimeError, AttributeError) as e:
     warnings.warn(f"vaebm_jax: the native depthwise kernel could not be built ({e}); depthwise "
                   "convolutions on CPU use the slower XLA path", stacklevel=2)
@@ -292,3 +295,145 @@ def depthwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
       and available()):
     return native_depthwise_conv(x, w)
   return shifted_depthwise_conv(x, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# The middle of an eval-mode inverted-residual cell as one kernel (csrc/depthwise.cc, "dwcell"):
+# y = swish(a2 · dw(swish(a1 · x + b1), w) + b2), the two BatchNorms in eval mode being the per-channel
+# affine maps (a1, b1) and (a2, b2). Unfused, XLA makes a separate pass over the expanded tensor for
+# each BN-Swish and for each of their derivatives; the Langevin chain's cells are bound by those
+# passes (experiments/RESULTS.md, issue 10). The kernel's VJP gives the input gradient; the gradients
+# of w, a1, b1, a2 and b2 are XLA code, which XLA removes where nothing uses them (a Langevin chain
+# differentiates with respect to ε only).
+# ----------------------------------------------------------------------------------------------
+
+# Channels per vector on the widest CPU the kernel is built for (AVX-512); the kernel needs C to be a
+# multiple of its vector width.
+_CELL_CHANNEL_MULTIPLE = 16
+
+
+def _plain_swish(z):
+  return z * jax.nn.sigmoid(z)
+
+
+def _swish_grad(z):
+  s = jax.nn.sigmoid(z)
+  return s * (1 + z * (1 - s))
+
+
+def reference_dwcell(x: jax.Array, w: jax.Array, a1, b1, a2, b2) -> jax.Array:
+  """What the fused kernel computes, in XLA code: swish(a2 · dw(swish(a1 · x + b1), w) + b2)."""
+  return _plain_swish(a2 * shifted_depthwise_conv(_plain_swish(a1 * x + b1), w) + b2)
+
+
+def dwcell_supported(x: jax.Array, kernel_size: int) -> bool:
+  """Whether the models use `native_dwcell` on x with a k×k kernel: float32 on the CPU, the kernel built,
+  k odd ≤ 7, C a multiple of 16, and not turned off with `VAEBM_JAX_FUSED_CELLS=0` (read when a function is
+  traced; for comparisons)."""
+  return (os.environ.get("VAEBM_JAX_FUSED_CELLS", "1") != "0" and x.dtype == jnp.float32
+          and kernel_size in _KERNEL_GRADS and x.shape[-1] % _CELL_CHANNEL_MULTIPLE == 0
+          and jax.default_backend() == "cpu" and available())
+
+
+def _cell_forward_call(x, w, a1, b1, a2, b2):
+  _require()
+  return jax.ffi.ffi_call(_CELL_FWD, jax.ShapeDtypeStruct(x.shape, x.dtype))(x, w, a1, b1, a2, b2)
+
+
+def _cell_backward_call(x, gy, w, wf, a1, b1, a2, b2):
+  _require()
+  return jax.ffi.ffi_call(_CELL_BWD, jax.ShapeDtypeStruct(x.shape, x.dtype))(x, gy, w, wf, a1, b1, a2, b2)
+
+
+def _image_partition(images: int, params: int):
+  """custom_partitioning rule of a call whose first `images` operands and result are (B, H, W, C) images,
+  split over the batch as they come, and whose other `params` operands are replicated."""
+  def partition(mesh, args, result):
+    batch = _batch_sharded(mesh, _batch_axes(args[0].sharding))
+    fn = _cell_forward_call if images == 1 else _cell_backward_call
+    return mesh, fn, batch, (batch,) * images + (NamedSharding(mesh, P()),) * params
+  return partition
+
+
+def _image_sharding(mesh, args, result):
+  return _batch_sharded(mesh, _batch_axes(args[0].sharding))
+
+
+_cell_forward = custom_partitioning(_cell_forward_call)
+_cell_forward.def_partition(infer_sharding_from_operands=_image_sharding, partition=_image_partition(1, 5),
+                            sharding_rule="b h w c, i j c, c, c, c, c -> b h w c")
+_cell_backward = custom_partitioning(_cell_backward_call)
+_cell_backward.def_partition(infer_sharding_from_operands=_image_sharding, partition=_image_partition(2, 6),
+                             sharding_rule="b h w c, b h w c, i j c, i j c, c, c, c, c -> b h w c")
+
+
+def _cell_input_grad(x, gy, w, wf, a1, b1, a2, b2):
+  """What the backward kernel computes, in XLA code."""
+  z1 = a1 * x + b1
+  gd = gy * a2 * _swish_grad(a2 * shifted_depthwise_conv(_plain_swish(z1), w) + b2)
+  return shifted_depthwise_conv(gd, wf) * a1 * _swish_grad(z1)
+
+
+# Under `jax.vmap` the mapped axis folds into the batch where only the image operands are mapped; a
+# mapped kernel or BN runs the XLA code instead.
+
+
+def _fold_vmap(call, reference, images: int):
+  def rule(axis_size, in_batched, *args):
+    imgs = [a if mapped else jnp.broadcast_to(a, (axis_size,) + a.shape)
+            for a, mapped in zip(args[:images], in_batched[:images], strict=True)]
+    if not any(in_batched[images:]):
+      out = call(*(a.reshape((-1,) + a.shape[2:]) for a in imgs), *args[images:])
+      return out.reshape(imgs[0].shape), True
+    params = [a if mapped else jnp.broadcast_to(a, (axis_size,) + a.shape)
+              for a, mapped in zip(args[images:], in_batched[images:], strict=True)]
+    return jax.vmap(reference)(*imgs, *params), True
+  return rule
+
+
+@jax.custom_batching.custom_vmap
+def _cell_forward_mapped(x, w, a1, b1, a2, b2):
+  return _cell_forward(x, w, a1, b1, a2, b2)
+
+
+_cell_forward_mapped.def_vmap(_fold_vmap(_cell_forward_mapped, reference_dwcell, 1))
+
+
+@jax.custom_batching.custom_vmap
+def _cell_backward_mapped(x, gy, w, wf, a1, b1, a2, b2):
+  return _cell_backward(x, gy, w, wf, a1, b1, a2, b2)
+
+
+_cell_backward_mapped.def_vmap(_fold_vmap(_cell_backward_mapped, _cell_input_grad, 2))
+
+
+@jax.custom_vjp
+def native_dwcell(x: jax.Array, w: jax.Array, a1: jax.Array, b1: jax.Array, a2: jax.Array,
+                  b2: jax.Array) -> jax.Array:
+  """swish(a2 · dw(swish(a1 · x + b1), w) + b2) on CPU in one kernel each way. x: (B, H, W, C) float32 with
+  C a multiple of 16; w: (k, k, C), k odd ≤ 7; a1, b1, a2, b2: (C,). The backward pass keeps only x (and
+  the parameters) and recomputes the rest. First derivatives only."""
+  return _cell_forward_mapped(x, w, a1, b1, a2, b2)
+
+
+def _dwcell_fwd(x, w, a1, b1, a2, b2):
+  return _cell_forward_mapped(x, w, a1, b1, a2, b2), (x, w, a1, b1, a2, b2)
+
+
+def _dwcell_bwd(res, gy):
+  x, w, a1, b1, a2, b2 = res
+  wf = w[::-1, ::-1]
+  gx = _cell_backward_mapped(x, gy, w, wf, a1, b1, a2, b2)
+  # The parameters' gradients, in XLA code (dead, and removed by XLA, where nothing uses them).
+  axes = tuple(range(x.ndim - 1))
+  z1 = a1 * x + b1
+  t = _plain_swish(z1)
+  d = _forward_mapped(t, w)
+  gz2 = gy * _swish_grad(a2 * d + b2)
+  gd = gz2 * a2
+  gz1 = _forward_mapped(gd, wf) * _swish_grad(z1)
+  return (gx, _kernel_grad_mapped(t, gd, w), jnp.sum(gz1 * x, axis=axes), jnp.sum(gz1, axis=axes),
+          jnp.sum(gz2 * d, axis=axes), jnp.sum(gz2, axis=axes))
+
+
+native_dwcell.defvjp(_dwcell_fwd, _dwcell_bwd)

@@ -247,7 +247,9 @@ class Conv2D(nn.Module):
   conv_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, kernel_only: bool = False) -> jax.Array:
+    """The convolution of x; with `kernel_only`, its (normalised, masked) HWIO kernel instead, for kernels
+    that apply it themselves (x then gives only the input channels)."""
     c_in = x.shape[-1]
     k = self.kernel_size
     fan_in = (c_in // self.groups) * k * k
@@ -274,6 +276,10 @@ class Conv2D(nn.Module):
         lwn_init = lambda _: jnp.log(jnp.sqrt(jnp.sum(kernel * kernel, axis=(0, 1, 2))) + 1e-2) + self.log_norm_offset
       kernel = normalize_weight(kernel, self.param("log_weight_norm", lwn_init))
     self.sow("normalized_weights", "kernel", kernel)
+    if kernel_only:
+      if self.use_bias:
+        raise ValueError("Conv2D(kernel_only=True) is for convolutions without bias")
+      return kernel
     y = conv(x, kernel)
     if self.use_bias:
       if init_stats is not None:
@@ -294,12 +300,19 @@ class BatchNorm(nn.Module):
   epsilon: float = BN_EPS
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, use_running_average: bool, affine_only: bool = False):
+    """Normalised x; with `affine_only` (eval mode only), the per-channel (a, b) of the map a·x + b that
+    the running statistics make of it, for kernels that apply it themselves."""
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,))
     bias = self.param("bias", nn.initializers.zeros, (c,))
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    if affine_only:
+      if not use_running_average:
+        raise ValueError("BatchNorm(affine_only=True) needs use_running_average=True")
+      a = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+      return a, bias - ra_mean.value * a
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
@@ -395,6 +408,7 @@ class InvertedResidual(nn.Module):
   expansion: int = 6
   kernel_size: int = 5
   conv_impl: str = "auto"
+  fuse_eval: bool = True  # eval mode on CPU: the native BN-Swish-depthwise-BN-Swish kernel where it runs
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -405,11 +419,22 @@ class InvertedResidual(nn.Module):
       x = upsample_nearest(x)
     x = BatchNorm(name="bn_in")(x, use_running_average=ura)
     x = conv(hidden, 1, name="conv_expand")(x)
-    x = swish(BatchNorm(name="bn_expand")(x, use_running_average=ura))
-    x = conv(hidden, self.kernel_size, stride=abs(self.stride), groups=hidden, name="conv_depthwise")(x)
-    x = swish(BatchNorm(name="bn_depthwise")(x, use_running_average=ura))
+    depthwise_conv = conv(hidden, self.kernel_size, stride=abs(self.stride), groups=hidden, name="conv_depthwise")
+    if ura and self._fused_middle(x):
+      # Eval mode on CPU: BN-Swish → depthwise → BN-Swish as one native kernel (depthwise.native_dwcell).
+      a1, b1 = BatchNorm(name="bn_expand")(x, use_running_average=True, affine_only=True)
+      a2, b2 = BatchNorm(name="bn_depthwise")(x, use_running_average=True, affine_only=True)
+      x = depthwise.native_dwcell(x, depthwise_conv(x, kernel_only=True)[:, :, 0, :], a1, b1, a2, b2)
+    else:
+      x = swish(BatchNorm(name="bn_expand")(x, use_running_average=ura))
+      x = depthwise_conv(x)
+      x = swish(BatchNorm(name="bn_depthwise")(x, use_running_average=ura))
     x = conv(self.features, 1, name="conv_project")(x)
     return BatchNorm(name="bn_out")(x, use_running_average=ura)
+
+  def _fused_middle(self, x: jax.Array) -> bool:
+    return (self.fuse_eval and abs(self.stride) == 1 and resolve_conv_impl(self.conv_impl) == "fast_cpu"
+            and depthwise.dwcell_supported(x, self.kernel_size))
 
 
 OPS = {

@@ -11,6 +11,8 @@
 // host it builds on). Each pass over a row of pixels handles one kernel row i with its k weights (or
 // k accumulators) held in registers, so a multiply-add costs one load of x. Work is split over XLA's
 // intra-op thread pool: output rows for the forward, channel blocks for the kernel gradient.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -269,6 +271,333 @@ ffi::Error DepthwiseWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// The middle of an eval-mode NVAE inverted-residual cell, fused around the depthwise convolution.
+// In eval mode each BatchNorm is an affine map a*x + b per channel, so the cell's
+//   BN -> Swish -> depthwise KxK -> BN -> Swish
+// on the expanded tensor x (the 1x1 expand conv's output) is one pass each way:
+//   vaebm_dwcell_fwd: (x, k, a1, b1, a2, b2) -> y
+//       t = swish(a1 x + b1);  d = depthwise(t, k);  y = swish(a2 d + b2)
+//   vaebm_dwcell_bwd: (x, gy, k, kf, a1, b1, a2, b2) -> gx
+//       d as above (recomputed, not stored);  gd = gy a2 swish'(a2 d + b2);
+//       gt = depthwise(gd, kf);  gx = gt a1 swish'(a1 x + b1)
+//       (kf: k flipped in both spatial axes, the adjoint of a 'same' correlation)
+// Unfused, XLA makes separate passes over these (B, H, W, C) tensors and keeps d for the backward
+// pass: 14 reads and writes of a whole tensor per cell, forward and backward. Here: 5 (forward x in,
+// y out; backward x and gy in, gx out), and only x is kept between the passes. On this project's CPUs a
+// core streams a few GB/s from memory, and the Langevin chain's batch-16 tensors are 12.6 MB each,
+// so those passes, not the arithmetic, bound the cells (experiments/RESULTS.md).
+// Each work unit is one image and one block of kChunk channels. It keeps the K rows it convolves in a
+// ring (padded by K/2 zero pixels on both sides, so every output pixel sees all K*K taps), transforms
+// each input row once, and applies the output transform on the way out. The backward pass runs two
+// rings: t rows give d rows, which with gy give gd rows, which give gx rows, 2*(K/2) rows behind.
+// Outputs are written with streaming stores. Channels must be a multiple of kLanes (the Python side
+// falls back to XLA code otherwise).
+// ------------------------------------------------------------------------------------------------
+
+typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Vec Splat(float v) { return Vec{} + v; }
+
+// exp(x) for x in [-87, 88] (clamped outside): Cody-Waite reduction by ln 2, Cephes' degree-6
+// polynomial, 2^n through the exponent bits. Relative error ~2 ulp.
+inline Vec Exp(Vec x) {
+  const Vec hi = Splat(88.0f), lo = Splat(-87.0f);
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const Vec magic = Splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const Vec n = (x * Splat(1.44269504088896341f) + magic) - magic;
+  Vec r = x - n * Splat(0.693359375f);
+  r = r - n * Splat(-2.12194440e-4f);
+  Vec p = Splat(1.9875691500e-4f);
+  p = p * r + Splat(1.3981999507e-3f);
+  p = p * r + Splat(8.3334519073e-3f);
+  p = p * r + Splat(4.1665795894e-2f);
+  p = p * r + Splat(1.6666665459e-1f);
+  p = p * r + Splat(5.0000001201e-1f);
+  p = p * r * r + r + Splat(1.0f);
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// 1 / v for v >= 1: the hardware estimate refined by one Newton step where the ISA has one (AVX-512:
+// 14 bits, then ~1 ulp; a division costs 4-5x more), else a division.
+inline Vec Reciprocal(Vec v) {
+#if defined(__AVX512F__)
+  __m512 e;
+  std::memcpy(&e, &v, sizeof(e));
+  e = _mm512_rcp14_ps(e);
+  Vec r;
+  std::memcpy(&r, &e, sizeof(r));
+  return r * (Splat(2.0f) - v * r);
+#else
+  return Splat(1.0f) / v;
+#endif
+}
+
+inline Vec Sigmoid(Vec z) { return Reciprocal(Splat(1.0f) + Exp(-z)); }
+inline Vec Swish(Vec z) { return z * Sigmoid(z); }
+inline Vec SwishGrad(Vec z) {
+  const Vec s = Sigmoid(z);
+  return s * (Splat(1.0f) + z * (Splat(1.0f) - s));
+}
+
+constexpr int64_t kChunk = 128;  // channels per work unit
+
+// A store that bypasses the caches (no read of the line before it is written: a third less memory
+// traffic for an output nobody reads soon). p must be aligned to the vector size; a unit that used it
+// ends with StreamFence() so that its results are visible before the unit reports itself done.
+inline void StoreStream(float* p, Vec v) {
+#if defined(__AVX512F__)
+  __m512 m;
+  std::memcpy(&m, &v, sizeof(m));
+  _mm512_stream_ps(p, m);
+#elif defined(__AVX__)
+  __m256 m;
+  std::memcpy(&m, &v, sizeof(m));
+  _mm256_stream_ps(p, m);
+#else
+  Store(p, v);
+#endif
+}
+
+inline bool Aligned(const float* p) { return reinterpret_cast<uintptr_t>(p) % sizeof(Vec) == 0; }
+
+// StoreStream where the whole tensor is aligned (XLA's buffers are), else a plain store.
+inline void StoreOut(float* p, Vec v, bool stream) {
+  if (stream) {
+    StoreStream(p, v);
+  } else {
+    Store(p, v);
+  }
+}
+
+inline void StreamFence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
+// Asks for cc channels of the W pixels of one row (pixel stride C) ahead of their use: the rows are
+// read at a 4-6 KB stride, which the hardware prefetchers do not follow, so a core would otherwise
+// wait for memory between its arithmetic.
+inline void PrefetchRow(const float* row, int64_t W, int64_t C, int64_t cc) {
+  for (int64_t w = 0; w < W; ++w) {
+    for (int64_t c = 0; c < cc; c += 64 / sizeof(float)) __builtin_prefetch(row + w * C + c);
+  }
+}
+constexpr int kCellBlock = 8;    // output pixels per register block
+
+// K rows of cc channels, each padded by K/2 zero pixels at both ends, that hold rows r of some
+// transformed tensor at slot r % K; plus one unpadded row for a convolution's output.
+class Ring {
+ public:
+  Ring(int K, int64_t W, int64_t cc) : k_(K), pad_(K / 2), rw_(W + 2 * (K / 2)), cc_(cc),
+                                       data_(new float[K * (W + 2 * (K / 2)) * cc]()) {}
+  float* Slot(int64_t r) const { return data_.get() + (r % k_) * rw_ * cc_; }
+  float* Row(int64_t r) const { return Slot(r) + pad_ * cc_; }  // where row r's pixel 0 goes
+
+ private:
+  int k_;
+  int64_t pad_, rw_, cc_;
+  std::unique_ptr<float[]> data_;
+};
+
+// out[w, c] = sum_{i,j} ring row (h + i - P)[w + j - P, c] * k[i, j, c_begin + c] over the rows inside
+// [0, H), for channels c in [0, cc) of one output row h (pixel stride cc).
+template <int K>
+void ConvRow(const float* k, const Ring& ring, int64_t h, int64_t H, int64_t W, int64_t C, int64_t c_begin,
+             int64_t cc, float* out) {
+  constexpr int P = K / 2;
+  const int i_lo = std::max<int64_t>(0, P - h), i_hi = std::min<int64_t>(K, H + P - h);
+  for (int64_t c0 = 0; c0 < cc; c0 += kLanes) {
+    const float* kc = k + c_begin + c0;
+    int64_t w = 0;
+    for (; w + kCellBlock <= W; w += kCellBlock) {
+      Vec acc[kCellBlock];
+#pragma GCC unroll 8
+      for (int t = 0; t < kCellBlock; ++t) acc[t] = Vec{};
+      for (int i = i_lo; i < i_hi; ++i) {
+        Vec kv[K];
+#pragma GCC unroll 8
+        for (int j = 0; j < K; ++j) kv[j] = Load(kc + (i * K + j) * C);
+        const float* row = ring.Slot(h + i - P) + w * cc + c0;  // padded: pixel w + j - P is slot pixel w + j
+#pragma GCC unroll 16
+        for (int u = 0; u < K + kCellBlock - 1; ++u) {
+          const Vec xv = Load(row + u * cc);
+#pragma GCC unroll 8
+          for (int t = 0; t < kCellBlock; ++t) {
+            if (u - t >= 0 && u - t < K) acc[t] += xv * kv[u - t];
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < kCellBlock; ++t) Store(out + (w + t) * cc + c0, acc[t]);
+    }
+    for (; w < W; ++w) {
+      Vec acc = Vec{};
+      for (int i = i_lo; i < i_hi; ++i) {
+        const float* row = ring.Slot(h + i - P) + w * cc + c0;
+        for (int j = 0; j < K; ++j) acc += Load(row + j * cc) * Load(kc + (i * K + j) * C);
+      }
+      Store(out + w * cc + c0, acc);
+    }
+  }
+}
+
+// Row h of swish(a1 x + b1) for the unit's channels into dst (pixel stride cc).
+inline void InputRow(const float* x, const float* a1c, const float* b1c, const Shape& s, int64_t b, int64_t h,
+                     int64_t c_begin, int64_t cc, float* dst) {
+  const int64_t W = s.width, C = s.channels;
+  const float* src = x + (b * s.height + h) * W * C + c_begin;
+  for (int64_t w = 0; w < W; ++w) {
+    for (int64_t c0 = 0; c0 < cc; c0 += kLanes) {
+      Store(dst + w * cc + c0, Swish(Load(a1c + c0) * Load(src + w * C + c0) + Load(b1c + c0)));
+    }
+  }
+}
+
+template <int K>
+void CellForwardUnit(const float* x, const float* k, const float* a1, const float* b1, const float* a2,
+                     const float* b2, float* y, const Shape& s, int64_t b, int64_t c_begin, int64_t cc) {
+  constexpr int P = K / 2;
+  const int64_t H = s.height, W = s.width, C = s.channels;
+  const float *a1c = a1 + c_begin, *b1c = b1 + c_begin, *a2c = a2 + c_begin, *b2c = b2 + c_begin;
+  const bool stream = Aligned(y);
+  Ring t(K, W, cc);
+  std::unique_ptr<float[]> d(new float[W * cc]);
+  for (int64_t r = 0; r < H + P; ++r) {
+    if (r < H) InputRow(x, a1c, b1c, s, b, r, c_begin, cc, t.Row(r));
+    if (r + 1 < H) PrefetchRow(x + (b * H + r + 1) * W * C + c_begin, W, C, cc);
+    const int64_t h = r - P;
+    if (h < 0) continue;
+    ConvRow<K>(k, t, h, H, W, C, c_begin, cc, d.get());
+    float* out = y + (b * H + h) * W * C + c_begin;
+    for (int64_t w = 0; w < W; ++w) {
+      for (int64_t c0 = 0; c0 < cc; c0 += kLanes) {
+        StoreOut(out + w * C + c0, Swish(Load(a2c + c0) * Load(d.get() + w * cc + c0) + Load(b2c + c0)), stream);
+      }
+    }
+  }
+  StreamFence();
+}
+
+template <int K>
+void CellBackwardUnit(const float* x, const float* gy, const float* k, const float* kf, const float* a1,
+                      const float* b1, const float* a2, const float* b2, float* gx, const Shape& s, int64_t b,
+                      int64_t c_begin, int64_t cc) {
+  constexpr int P = K / 2;
+  const int64_t H = s.height, W = s.width, C = s.channels;
+  const float *a1c = a1 + c_begin, *b1c = b1 + c_begin, *a2c = a2 + c_begin, *b2c = b2 + c_begin;
+  const bool stream = Aligned(gx);
+  Ring t(K, W, cc), gd(K, W, cc);
+  std::unique_ptr<float[]> acc(new float[W * cc]);
+  auto at = [&](int64_t h) { return (b * H + h) * W * C + c_begin; };
+  for (int64_t r = 0; r < H + 2 * P; ++r) {
+    if (r < H) InputRow(x, a1c, b1c, s, b, r, c_begin, cc, t.Row(r));
+    if (r + 1 < H) {
+      PrefetchRow(x + at(r + 1), W, C, cc);
+      if (r + 1 - P >= 0) PrefetchRow(gy + at(r + 1 - P), W, C, cc);
+    }
+    const int64_t q = r - P;  // d row q, then gd row q
+    if (q >= 0 && q < H) {
+      ConvRow<K>(k, t, q, H, W, C, c_begin, cc, acc.get());
+      const float* g = gy + at(q);
+      float* dst = gd.Row(q);
+      for (int64_t w = 0; w < W; ++w) {
+        for (int64_t c0 = 0; c0 < cc; c0 += kLanes) {
+          const Vec av = Load(a2c + c0);
+          const Vec z = av * Load(acc.get() + w * cc + c0) + Load(b2c + c0);
+          Store(dst + w * cc + c0, Load(g + w * C + c0) * av * SwishGrad(z));
+        }
+      }
+    }
+    const int64_t h = r - 2 * P;  // gx row h
+    if (h >= 0) {
+      ConvRow<K>(kf, gd, h, H, W, C, c_begin, cc, acc.get());
+      const float* xr = x + at(h);
+      float* out = gx + at(h);
+      for (int64_t w = 0; w < W; ++w) {
+        for (int64_t c0 = 0; c0 < cc; c0 += kLanes) {
+          const Vec av = Load(a1c + c0);
+          const Vec z = av * Load(xr + w * C + c0) + Load(b1c + c0);
+          StoreOut(out + w * C + c0, Load(acc.get() + w * cc + c0) * av * SwishGrad(z), stream);
+        }
+      }
+    }
+  }
+  StreamFence();
+}
+
+template <class UnitFn>
+void ForEachUnit(ffi::ThreadPool& pool, const Shape& s, UnitFn unit) {
+  const int64_t chunks = (s.channels + kChunk - 1) / kChunk;
+  ParallelFor(pool, s.batch * chunks, [=](int64_t n) {
+    const int64_t b = n / chunks, c_begin = (n % chunks) * kChunk;
+    unit(b, c_begin, std::min<int64_t>(kChunk, s.channels - c_begin));
+  });
+}
+
+// x (B, H, W, C), k (K, K, C) with K odd <= 7, C a multiple of kLanes; a1, b1, a2, b2 (C).
+ffi::Error CheckCellShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
+                           std::initializer_list<ffi::Span<const int64_t>> vectors, Shape* s) {
+  if (auto e = CheckShapes(x, k, s); e.failure()) return e;
+  for (const auto& v : vectors) {
+    if (v.size() != 1 || v[0] != x[3]) return ffi::Error::InvalidArgument("vaebm dwcell: a1, b1, a2, b2 must be (C,)");
+  }
+  if (x[3] % kLanes != 0) return ffi::Error::InvalidArgument("vaebm dwcell: C must be a multiple of the vector width");
+  return ffi::Error::Success();
+}
+
+ffi::Error DwCellFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> a1,
+                     ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> a2, ffi::Buffer<ffi::F32> b2,
+                     ffi::ResultBuffer<ffi::F32> y) {
+  Shape s;
+  if (auto e = CheckCellShapes(x.dimensions(), k.dimensions(),
+                               {a1.dimensions(), b1.dimensions(), a2.dimensions(), b2.dimensions()}, &s);
+      e.failure()) {
+    return e;
+  }
+  const float *xp = x.typed_data(), *kp = k.typed_data(), *a1p = a1.typed_data(), *b1p = b1.typed_data(),
+              *a2p = a2.typed_data(), *b2p = b2.typed_data();
+  float* yp = y->typed_data();
+  WithKernelSize(k.dimensions()[0], [&](auto kk) {
+    ForEachUnit(pool, s, [=](int64_t b, int64_t c_begin, int64_t cc) {
+      CellForwardUnit<decltype(kk)::value>(xp, kp, a1p, b1p, a2p, b2p, yp, s, b, c_begin, cc);
+    });
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error DwCellBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> kf, ffi::Buffer<ffi::F32> a1, ffi::Buffer<ffi::F32> b1,
+                     ffi::Buffer<ffi::F32> a2, ffi::Buffer<ffi::F32> b2, ffi::ResultBuffer<ffi::F32> gx) {
+  Shape s;
+  if (auto e = CheckCellShapes(x.dimensions(), k.dimensions(),
+                               {a1.dimensions(), b1.dimensions(), a2.dimensions(), b2.dimensions()}, &s);
+      e.failure()) {
+    return e;
+  }
+  auto same = [](ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+  };
+  if (!same(gy.dimensions(), x.dimensions()) || !same(kf.dimensions(), k.dimensions())) {
+    return ffi::Error::InvalidArgument("vaebm dwcell: gy must have x's shape and kf k's");
+  }
+  const float *xp = x.typed_data(), *gyp = gy.typed_data(), *kp = k.typed_data(), *kfp = kf.typed_data(),
+              *a1p = a1.typed_data(), *b1p = b1.typed_data(), *a2p = a2.typed_data(), *b2p = b2.typed_data();
+  float* gxp = gx->typed_data();
+  WithKernelSize(k.dimensions()[0], [&](auto kk) {
+    ForEachUnit(pool, s, [=](int64_t b, int64_t c_begin, int64_t cc) {
+      CellBackwardUnit<decltype(kk)::value>(xp, gyp, kp, kfp, a1p, b1p, a2p, b2p, gxp, s, b, c_begin, cc);
+    });
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VaebmDepthwiseFwd, DepthwiseFwd,
@@ -276,4 +605,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VaebmDepthwiseFwd, DepthwiseFwd,
                                   .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VaebmDepthwiseWgrad, DepthwiseWgrad,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VaebmDwCellFwd, DwCellFwd,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VaebmDwCellBwd, DwCellBwd,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
