@@ -377,9 +377,9 @@ def test_fused_cell_kernel_under_vmap():
     xs = x if fn_axes[0] == 0 else x[0]
     per = lambda cell: jax.vmap(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(cell(x, w, a1, b1, a2, b2))),
                                                    argnums=(0, 1)), in_axes=fn_axes)(xs, ws)
-    got, want = per(depthwise.native_dwcell), per(depthwise.reference_dwcell)
-    for got, want in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    fused, unfused = per(depthwise.native_dwcell), per(depthwise.reference_dwcell)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(unfused), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("channels,fused", [(32, True), (20, False)])
