@@ -412,3 +412,38 @@ def test_eval_mode_inverted_residual_uses_the_fused_kernel_where_it_can(channels
   want = unfused_fn(variables["params"], x)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(b)))))
+
+
+_AVX2_PROGRAM = """
+import subprocess, sys
+import jax, jax.numpy as jnp
+from vaebm_jax.models import depthwise
+so = sys.argv[1]
+cmd = depthwise._compile_command("g++", so)
+cmd[cmd.index("-march=native")] = "-march=haswell"            # AVX2 + FMA, no AVX-512: a Zen 3 host's code
+subprocess.run(cmd, check=True)
+depthwise._library_path = lambda compiler: so
+assert depthwise.available()
+worst = 0.0
+for shape, k in [((2, 9, 11, 48), 5), ((1, 16, 16, 144), 5), ((1, 4, 3, 24), 3)]:
+  keys = jax.random.split(jax.random.key(2), 7)
+  args = (2 * jax.random.normal(keys[0], shape), 0.3 * jax.random.normal(keys[1], (k, k, shape[-1]))) + tuple(
+      jax.random.normal(kk, (shape[-1],)) for kk in keys[2:6])
+  probe = jax.random.normal(keys[6], shape)
+  for cell, plain in ((depthwise.native_dwcell, depthwise.reference_dwcell),
+                      (lambda x, w, *_: depthwise.native_depthwise_conv(x, w),
+                       lambda x, w, *_: depthwise.shifted_depthwise_conv(x, w))):
+    f = lambda fn: jax.jit(jax.value_and_grad(lambda *a: jnp.vdot(fn(*a), probe), argnums=(0, 1)))(*args)
+    for u, v in zip(jax.tree.leaves(f(cell)), jax.tree.leaves(f(plain))):
+      worst = max(worst, float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(v))))
+print(worst)
+"""
+
+
+@pytest.mark.skipif("avx2" not in depthwise._cpu_flags().split(), reason="needs an x86 CPU with AVX2")
+def test_avx2_build_of_the_native_kernels_gives_the_same_numbers(tmp_path):
+  """Hosts differ (Zen 3: AVX2 only; this project's others: AVX-512): the kernels built for AVX2 (8 lanes,
+  the other reciprocal) give the values and gradients of the XLA code too."""
+  out = subprocess.run([sys.executable, "-c", _AVX2_PROGRAM, str(tmp_path / "avx2.so")], check=True, cwd=ROOT,
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert float(out.stdout.split()[-1]) < 2e-6, out.stdout

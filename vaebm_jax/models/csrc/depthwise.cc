@@ -323,13 +323,19 @@ inline Vec Exp(Vec x) {
   return p * scale;
 }
 
-// 1 / v for v >= 1: the hardware estimate refined by one Newton step where the ISA has one (AVX-512:
-// 14 bits, then ~1 ulp; a division costs 4-5x more), else a division.
+// 1 / v for v >= 1: the hardware estimate refined by one Newton step (AVX-512: 14 bits, then ~1 ulp;
+// AVX: 12 bits, then ~2e-7 relative; a division costs several times more), else a division.
 inline Vec Reciprocal(Vec v) {
 #if defined(__AVX512F__)
   __m512 e;
   std::memcpy(&e, &v, sizeof(e));
   e = _mm512_rcp14_ps(e);
+#elif defined(__AVX__)
+  __m256 e;
+  std::memcpy(&e, &v, sizeof(e));
+  e = _mm256_rcp_ps(e);
+#endif
+#if defined(__AVX__)
   Vec r;
   std::memcpy(&r, &e, sizeof(r));
   return r * (Splat(2.0f) - v * r);
