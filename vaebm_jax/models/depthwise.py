@@ -15,6 +15,10 @@ the decoder on a CPU (experiments/RESULTS.md, issue 10). `depthwise_conv` picks,
 - `shifted_depthwise_conv`: k² shifted multiply-adds that XLA fuses, with a hand-written VJP made of
   the same; used where the kernel is not `available()`: no compiler, a failed build (one warning says
   why), `VAEBM_JAX_NATIVE_KERNELS=0`, or a dtype or kernel size it does not handle.
+
+`native_dwcell` is the same library's second kernel pair: an eval-mode decoder cell's BN → Swish →
+depthwise → BN → Swish in one pass each way (`layers.InvertedResidual` uses it where
+`dwcell_supported`; `VAEBM_JAX_FUSED_CELLS=0` turns it off); its section below says how.
 """
 
 from __future__ import annotations
@@ -302,8 +306,9 @@ def depthwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
 # y = swish(a2 · dw(swish(a1 · x + b1), w) + b2), the two BatchNorms in eval mode being the per-channel
 # affine maps (a1, b1) and (a2, b2). Unfused, XLA makes a separate pass over the expanded tensor for
 # each BN-Swish and for each of their derivatives; the Langevin chain's cells are bound by those
-# passes (experiments/RESULTS.md, issue 10). The kernel's VJP gives the input gradient; the gradients
-# of w, a1, b1, a2 and b2 are XLA code, which XLA removes where nothing uses them (a Langevin chain
+# passes (experiments/RESULTS.md, issue 10). The backward kernel gives the input gradient from x and
+# the output's cotangent, recomputing the depthwise output rather than keeping it; the gradients of w,
+# a1, b1, a2 and b2 are XLA code, which XLA removes where nothing uses them (a Langevin chain
 # differentiates with respect to ε only).
 # ----------------------------------------------------------------------------------------------
 

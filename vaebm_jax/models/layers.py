@@ -402,7 +402,9 @@ class BNSwishConv(nn.Module):
 
 class InvertedResidual(nn.Module):
   """`mconv_e{ex}k{k}g0`: [nearest ×2] → BN → 1×1 expand, BN-Swish → depthwise k×k, BN-Swish →
-  1×1 project → BN. Convs have no weight norm and no bias."""
+  1×1 project → BN. Convs have no weight norm and no bias. In eval mode on CPU the middle (BN-Swish →
+  depthwise → BN-Swish) is one native kernel, `depthwise.native_dwcell`, where it can run; same
+  variables either way."""
   features: int
   stride: int = 1
   expansion: int = 6
