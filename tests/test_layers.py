@@ -351,6 +351,17 @@ def test_fused_cell_kernel_matches_xla_values_and_every_gradient(xs, k):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * scale, err_msg=name)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e30])
+def test_fused_cell_kernel_passes_non_finite_values_on_like_xla(bad):
+  """A NaN or infinity in x makes the output and the input gradient non-finite, as XLA's cell does (the
+  stage loops skip such updates: `loop.keep_if_finite`); a huge finite x stays finite (the exp clamps)."""
+  x, w, *bn = _dwcell_args((1, 6, 6, 16), 5, seed=4)
+  x = x.at[0, 3, 3, 5].set(bad)
+  for fn in (depthwise.native_dwcell, depthwise.reference_dwcell):
+    value, grad = jax.value_and_grad(lambda x: jnp.sum(fn(x, w, *bn)))(x)
+    assert bool(jnp.isfinite(value)) == bool(jnp.all(jnp.isfinite(grad))) == np.isfinite(bad), fn
+
+
 def test_fused_cell_kernel_keeps_each_devices_share_of_the_batch():
   """Under a data-parallel jit (4 devices) both kernels run on each device's quarter of the batch, with no
   gather, and give the values of one device."""
