@@ -426,13 +426,13 @@ def test_eval_mode_inverted_residual_uses_the_fused_kernel_where_it_can(channels
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(b)))))
 
 
-_AVX2_PROGRAM = """
+_OTHER_BUILD_PROGRAM = """
 import subprocess, sys
 import jax, jax.numpy as jnp
 from vaebm_jax.models import depthwise
-so = sys.argv[1]
+so, march = sys.argv[1:3]
 cmd = depthwise._compile_command("g++", so)
-cmd[cmd.index("-march=native")] = "-march=haswell"            # AVX2 + FMA, no AVX-512: a Zen 3 host's code
+cmd[cmd.index("-march=native")] = f"-march={march}"
 subprocess.run(cmd, check=True)
 depthwise._library_path = lambda compiler: so
 assert depthwise.available()
@@ -453,9 +453,11 @@ print(worst)
 
 
 @pytest.mark.skipif("avx2" not in depthwise._cpu_flags().split(), reason="needs an x86 CPU with AVX2")
-def test_avx2_build_of_the_native_kernels_gives_the_same_numbers(tmp_path):
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_other_builds_of_the_native_kernels_give_the_same_numbers(tmp_path, march):
   """Hosts differ (Zen 3: AVX2 only; this project's others: AVX-512): the kernels built for AVX2 (8 lanes,
-  the other reciprocal) give the values and gradients of the XLA code too."""
-  out = subprocess.run([sys.executable, "-c", _AVX2_PROGRAM, str(tmp_path / "avx2.so")], check=True, cwd=ROOT,
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+  the AVX reciprocal estimate; `haswell`) and without any AVX (the portable code that ARM hosts also
+  build: a division, plain stores; `x86-64`) give the values and gradients of the XLA code too."""
+  out = subprocess.run([sys.executable, "-c", _OTHER_BUILD_PROGRAM, str(tmp_path / "kernels.so"), march], check=True,
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
   assert float(out.stdout.split()[-1]) < 2e-6, out.stdout

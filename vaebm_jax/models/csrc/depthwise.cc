@@ -1,17 +1,20 @@
 // Depthwise k×k 'same' convolution (stride 1, zero padding (k-1)/2, NHWC, float32) for XLA:CPU,
-// called through jax.ffi (vaebm_jax/models/native.py builds and registers it).
+// called through jax.ffi (vaebm_jax/models/depthwise.py builds and registers it).
 //
 // XLA:CPU has no fast kernel for depthwise convolutions (jax-ml/jax#23713): its grouped convolution
 // runs 20-40x slower than PyTorch's, and the shifted multiply-adds layers.py falls back to reach a
-// few GFMA/s. Two handlers:
+// few GFMA/s. Two handlers for the convolution itself:
 //   vaebm_depthwise_fwd:   y[b,h,w,c] = sum_{i,j} x[b, h+i-p, w+j-p, c] * k[i, j, c]
 //                          (also the input gradient: the same with the kernel flipped)
 //   vaebm_depthwise_wgrad: dk[i,j,c]  = sum_{b,h,w} x[b, h+i-p, w+j-p, c] * g[b, h, w, c]
+// and two for an eval-mode NVAE cell's BN-Swish-depthwise-BN-Swish (vaebm_dwcell_fwd/_bwd, below).
 // Channels are the vector lanes (GCC vector extensions: the compiler emits AVX-512 or AVX2 for the
 // host it builds on). Each pass over a row of pixels handles one kernel row i with its k weights (or
 // k accumulators) held in registers, so a multiply-add costs one load of x. Work is split over XLA's
 // intra-op thread pool: output rows for the forward, channel blocks for the kernel gradient.
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
