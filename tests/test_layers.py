@@ -325,6 +325,9 @@ DWCELL_CASES = [  # (x shape, kernel size): vector blocks and single pixels, cha
     ((1, 4, 3, 16), 5),         # smaller than the kernel
     ((2, 8, 8, 32), 3),
     ((1, 10, 9, 16), 7),
+    ((1, 40, 12, 16), 5),       # one image, one channel block: split into bands of rows
+    ((1, 64, 8, 32), 3),
+    ((1, 8, 200, 64), 5),       # a wide image: narrower channel blocks
 ]
 
 

@@ -291,10 +291,11 @@ ffi::Error DepthwiseWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // y out; backward x and gy in, gx out), and only x is kept between the passes. On this project's CPUs a
 // core streams a few GB/s from memory, and the Langevin chain's batch-16 tensors are 12.6 MB each,
 // so those passes, not the arithmetic, bound the cells (experiments/RESULTS.md).
-// Each work unit is one image and one block of kChunk channels. It keeps the K rows it convolves in a
-// ring (padded by K/2 zero pixels on both sides, so every output pixel sees all K*K taps), transforms
-// each input row once, and applies the output transform on the way out. The backward pass runs two
-// rings: t rows give d rows, which with gy give gd rows, which give gx rows, 2*(K/2) rows behind.
+// Each work unit is one image, one block of channels and a band of rows. It keeps the K rows it
+// convolves in a ring (padded by K/2 zero pixels on both sides, so every output pixel sees all K*K
+// taps), transforms each input row once, and applies the output transform on the way out. The
+// backward pass runs two rings: t rows give d rows, which with gy give gd rows, which give gx rows,
+// 2*(K/2) rows behind.
 // Outputs are written with streaming stores. Channels must be a multiple of kLanes (the Python side
 // falls back to XLA code otherwise).
 // ------------------------------------------------------------------------------------------------
@@ -354,7 +355,7 @@ inline Vec SwishGrad(Vec z) {
   return s * (Splat(1.0f) + z * (Splat(1.0f) - s));
 }
 
-constexpr int64_t kChunk = 128;  // channels per work unit
+constexpr int64_t kChunk = 128;  // channels per work unit, at most
 
 // A store that bypasses the caches (no read of the line before it is written: a third less memory
 // traffic for an output nobody reads soon). p must be aligned to the vector size; a unit that used it
@@ -469,20 +470,26 @@ inline void InputRow(const float* x, const float* a1c, const float* b1c, const S
   }
 }
 
+// A work unit: image b, channels [c_begin, c_begin + cc), output rows [h0, h1).
+struct Unit {
+  int64_t b, c_begin, cc, h0, h1;
+};
+
 template <int K>
 void CellForwardUnit(const float* x, const float* k, const float* a1, const float* b1, const float* a2,
-                     const float* b2, float* y, const Shape& s, int64_t b, int64_t c_begin, int64_t cc) {
+                     const float* b2, float* y, const Shape& s, const Unit& u) {
   constexpr int P = K / 2;
-  const int64_t H = s.height, W = s.width, C = s.channels;
+  const int64_t H = s.height, W = s.width, C = s.channels, b = u.b, c_begin = u.c_begin, cc = u.cc;
   const float *a1c = a1 + c_begin, *b1c = b1 + c_begin, *a2c = a2 + c_begin, *b2c = b2 + c_begin;
   const bool stream = Aligned(y);
   Ring t(K, W, cc);
   std::unique_ptr<float[]> d(new float[W * cc]);
-  for (int64_t r = 0; r < H + P; ++r) {
+  // Step r transforms input row r and finishes output row r - P (which needs input rows up to r).
+  for (int64_t r = std::max<int64_t>(0, u.h0 - P); r < u.h1 + P; ++r) {
     if (r < H) InputRow(x, a1c, b1c, s, b, r, c_begin, cc, t.Row(r));
     if (r + 1 < H) PrefetchRow(x + (b * H + r + 1) * W * C + c_begin, W, C, cc);
     const int64_t h = r - P;
-    if (h < 0) continue;
+    if (h < u.h0) continue;
     ConvRow<K>(k, t, h, H, W, C, c_begin, cc, d.get());
     float* out = y + (b * H + h) * W * C + c_begin;
     for (int64_t w = 0; w < W; ++w) {
@@ -496,23 +503,25 @@ void CellForwardUnit(const float* x, const float* k, const float* a1, const floa
 
 template <int K>
 void CellBackwardUnit(const float* x, const float* gy, const float* k, const float* kf, const float* a1,
-                      const float* b1, const float* a2, const float* b2, float* gx, const Shape& s, int64_t b,
-                      int64_t c_begin, int64_t cc) {
+                      const float* b1, const float* a2, const float* b2, float* gx, const Shape& s, const Unit& u) {
   constexpr int P = K / 2;
-  const int64_t H = s.height, W = s.width, C = s.channels;
+  const int64_t H = s.height, W = s.width, C = s.channels, b = u.b, c_begin = u.c_begin, cc = u.cc;
   const float *a1c = a1 + c_begin, *b1c = b1 + c_begin, *a2c = a2 + c_begin, *b2c = b2 + c_begin;
   const bool stream = Aligned(gx);
   Ring t(K, W, cc), gd(K, W, cc);
   std::unique_ptr<float[]> acc(new float[W * cc]);
   auto at = [&](int64_t h) { return (b * H + h) * W * C + c_begin; };
-  for (int64_t r = 0; r < H + 2 * P; ++r) {
+  // Step r transforms input row r, makes gd row r - P (which needs t rows up to r) and finishes gx row
+  // r - 2P (which needs gd rows up to r - P). The gd rows of [h0 - P, h1 + P) are those gx rows need.
+  const int64_t q_lo = std::max<int64_t>(0, u.h0 - P), q_hi = std::min<int64_t>(H, u.h1 + P);
+  for (int64_t r = std::max<int64_t>(0, u.h0 - 2 * P); r < u.h1 + 2 * P; ++r) {
     if (r < H) InputRow(x, a1c, b1c, s, b, r, c_begin, cc, t.Row(r));
     if (r + 1 < H) {
       PrefetchRow(x + at(r + 1), W, C, cc);
       if (r + 1 - P >= 0) PrefetchRow(gy + at(r + 1 - P), W, C, cc);
     }
-    const int64_t q = r - P;  // d row q, then gd row q
-    if (q >= 0 && q < H) {
+    const int64_t q = r - P;
+    if (q >= q_lo && q < q_hi) {
       ConvRow<K>(k, t, q, H, W, C, c_begin, cc, acc.get());
       const float* g = gy + at(q);
       float* dst = gd.Row(q);
@@ -524,8 +533,8 @@ void CellBackwardUnit(const float* x, const float* gy, const float* k, const flo
         }
       }
     }
-    const int64_t h = r - 2 * P;  // gx row h
-    if (h >= 0) {
+    const int64_t h = r - 2 * P;
+    if (h >= u.h0 && h < u.h1) {
       ConvRow<K>(kf, gd, h, H, W, C, c_begin, cc, acc.get());
       const float* xr = x + at(h);
       float* out = gx + at(h);
@@ -541,12 +550,23 @@ void CellBackwardUnit(const float* x, const float* gy, const float* k, const flo
   StreamFence();
 }
 
-template <class UnitFn>
+// Splits the work into units: channel blocks narrow enough that a ring stays within ~128 KB (wide
+// images), then bands of rows where images x channel blocks are too few to keep every thread busy
+// (each band recomputes a margin of K/2 rows forward and 2*(K/2) backward).
+template <int K, class UnitFn>
 void ForEachUnit(ffi::ThreadPool& pool, const Shape& s, UnitFn unit) {
-  const int64_t chunks = (s.channels + kChunk - 1) / kChunk;
-  ParallelFor(pool, s.batch * chunks, [=](int64_t n) {
-    const int64_t b = n / chunks, c_begin = (n % chunks) * kChunk;
-    unit(b, c_begin, std::min<int64_t>(kChunk, s.channels - c_begin));
+  constexpr int64_t kRingBytes = 128 * 1024;
+  const int64_t fit = kRingBytes / (K * (s.width + K - 1) * int64_t{sizeof(float)}) / kLanes * kLanes;
+  const int64_t chunk = std::max<int64_t>(kLanes, std::min<int64_t>(kChunk, fit));
+  const int64_t chunks = (s.channels + chunk - 1) / chunk;
+  const int64_t wanted = 2 * std::max<int64_t>(1, pool.num_threads());
+  const int64_t max_bands = std::max<int64_t>(1, s.height / (4 * K));
+  const int64_t bands = std::min<int64_t>(max_bands, (wanted + s.batch * chunks - 1) / (s.batch * chunks));
+  const int64_t rows = (s.height + bands - 1) / bands;
+  ParallelFor(pool, s.batch * chunks * bands, [=](int64_t n) {
+    const int64_t band = n % bands, c = (n / bands) % chunks, b = n / (bands * chunks);
+    const int64_t h0 = band * rows, c_begin = c * chunk;
+    unit(Unit{b, c_begin, std::min<int64_t>(chunk, s.channels - c_begin), h0, std::min<int64_t>(s.height, h0 + rows)});
   });
 }
 
@@ -574,9 +594,8 @@ ffi::Error DwCellFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
               *a2p = a2.typed_data(), *b2p = b2.typed_data();
   float* yp = y->typed_data();
   WithKernelSize(k.dimensions()[0], [&](auto kk) {
-    ForEachUnit(pool, s, [=](int64_t b, int64_t c_begin, int64_t cc) {
-      CellForwardUnit<decltype(kk)::value>(xp, kp, a1p, b1p, a2p, b2p, yp, s, b, c_begin, cc);
-    });
+    constexpr int K = decltype(kk)::value;
+    ForEachUnit<K>(pool, s, [=](const Unit& u) { CellForwardUnit<K>(xp, kp, a1p, b1p, a2p, b2p, yp, s, u); });
   });
   return ffi::Error::Success();
 }
@@ -600,8 +619,9 @@ ffi::Error DwCellBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
               *a1p = a1.typed_data(), *b1p = b1.typed_data(), *a2p = a2.typed_data(), *b2p = b2.typed_data();
   float* gxp = gx->typed_data();
   WithKernelSize(k.dimensions()[0], [&](auto kk) {
-    ForEachUnit(pool, s, [=](int64_t b, int64_t c_begin, int64_t cc) {
-      CellBackwardUnit<decltype(kk)::value>(xp, gyp, kp, kfp, a1p, b1p, a2p, b2p, gxp, s, b, c_begin, cc);
+    constexpr int K = decltype(kk)::value;
+    ForEachUnit<K>(pool, s, [=](const Unit& u) {
+      CellBackwardUnit<K>(xp, gyp, kp, kfp, a1p, b1p, a2p, b2p, gxp, s, u);
     });
   });
   return ffi::Error::Success();
