@@ -9,6 +9,7 @@ Each row times the same work on both sides, the reference's and ours alternately
 measurement so that peak RSS is that measurement's own:
 - `lg_*`: one ε-space Langevin step of the test-time sampler (decode T(ε) through the NVAE decoder,
   energy, 'code' potential, its ε-gradient, update); ours inside the jitted `lax.scan` chain.
+  `lg_chq_b1` (CelebA-HQ 256, batch 1) is ours only: the reference driver has no such config.
 - `ebm_*`: one EBM training iteration (K Langevin steps from fresh noise, E⁺/E⁻, spectral
   regulariser, backward, IGEBM clip, Adam); no replay buffer, as the reference driver runs it.
 - `nvae_*`: one NVAE training step (forward, recon + balanced KL, spectral and BN regularisers,
@@ -60,6 +61,7 @@ ROWS = {
     "ebm_c10_b4": ("ebm", "cifar10", 4, 0, _ref("cifar10", "ebmtrain", 1, 3)),
     "ebm_cel_b4": ("ebm", "celeba64", 4, 0, _ref("celeba64", "ebmtrain", 1, 3)),
     "nvae_c10_b4": ("nvae", "cifar10", 4, 1, _ref("cifar10", "nvaetrain", 1, 3)),
+    "lg_chq_b1": ("langevin", "celebahq256", 1, 1, None),   # ours only: refbench.py has no CelebA-HQ config
     "small_fmnist_vae": ("nvae", "fashion_mnist", 0, -1, None),
     "small_fmnist_ebm": ("ebm", "fashion_mnist", 0, -1, None),
     "small_digits_vae": ("nvae", "digits", 0, -1, None),
