@@ -209,13 +209,22 @@ def _batch_sharded(mesh, axes) -> NamedSharding:
   return NamedSharding(mesh, P(axes))
 
 
+def _image_sharding(mesh, args, result):
+  return _batch_sharded(mesh, _batch_axes(args[0].sharding))
+
+
+def _image_partition(call, images: int):
+  """custom_partitioning rule of `call`, whose first `images` operands and result are (B, H, W, C) images
+  split over the batch as they come, and whose other operands (kernels, BN) are replicated."""
+  def partition(mesh, args, result):
+    batch = _image_sharding(mesh, args, result)
+    return mesh, call, batch, (batch,) * images + (NamedSharding(mesh, P()),) * (len(args) - images)
+  return partition
+
+
 _forward = custom_partitioning(_forward_call)
-_forward.def_partition(
-    infer_sharding_from_operands=lambda mesh, args, result: _batch_sharded(mesh, _batch_axes(args[0].sharding)),
-    partition=lambda mesh, args, result: (
-        mesh, _forward_call, _batch_sharded(mesh, _batch_axes(args[0].sharding)),
-        (_batch_sharded(mesh, _batch_axes(args[0].sharding)), NamedSharding(mesh, P()))),
-    sharding_rule="b h w c, i j c -> b h w c")
+_forward.def_partition(infer_sharding_from_operands=_image_sharding, partition=_image_partition(_forward_call, 1),
+                       sharding_rule="b h w c, i j c -> b h w c")
 
 
 def _kernel_grad_partition(k: int, mesh, args, result):
@@ -242,9 +251,20 @@ def _make_kernel_grad(k: int):
 _KERNEL_GRADS = {k: _make_kernel_grad(k) for k in (1, 3, 5, 7)}
 
 
-# custom_partitioning has no batching rule: under `jax.vmap` (e.g. `jax.jacobian`) the forward folds
-# the mapped axis into the batch; what cannot be folded (a mapped kernel, the kernel gradient, which
-# sums over the batch) runs the shifted multiply-adds instead.
+# custom_partitioning has no batching rule: under `jax.vmap` (e.g. `jax.jacobian`) the kernels fold
+# the mapped axis into the batch where only their image operands are mapped; what cannot be folded (a
+# mapped kernel or BN, the kernel gradient, which sums over the batch) runs XLA code instead.
+
+
+def _fold_vmap(call, xla_code, images: int):
+  """vmap rule of `call`, whose first `images` operands and result are (B, H, W, C) images."""
+  def rule(axis_size, in_batched, *args):
+    mapped = [a if m else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, m in zip(args, in_batched, strict=True)]
+    if not any(in_batched[images:]):
+      out = call(*(a.reshape((-1,) + a.shape[2:]) for a in mapped[:images]), *args[images:])
+      return out.reshape(mapped[0].shape), True
+    return jax.vmap(xla_code)(*mapped), True
+  return rule
 
 
 @jax.custom_batching.custom_vmap
@@ -252,13 +272,7 @@ def _forward_mapped(x: jax.Array, w: jax.Array) -> jax.Array:
   return _forward(x, w)
 
 
-@_forward_mapped.def_vmap
-def _forward_vmap(axis_size, in_batched, x, w):
-  if in_batched[0] and not in_batched[1]:
-    return _forward_mapped(x.reshape((-1,) + x.shape[2:]), w).reshape(x.shape), True
-  x, w = (a if mapped else jnp.broadcast_to(a, (axis_size,) + a.shape)
-          for a, mapped in zip((x, w), in_batched, strict=True))
-  return jax.vmap(shifted_depthwise_conv)(x, w), True
+_forward_mapped.def_vmap(_fold_vmap(_forward_mapped, shifted_depthwise_conv, 1))
 
 
 @jax.custom_batching.custom_vmap
@@ -295,10 +309,15 @@ def depthwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
 
   The native kernel where it can run this call (float32, k ≤ 7, on CPU, built), else the shifted
   multiply-adds."""
-  if (x.dtype == w.dtype == jnp.float32 and w.shape[0] in _KERNEL_GRADS and jax.default_backend() == "cpu"
-      and available()):
+  if w.dtype == x.dtype and _native_runs(x, w.shape[0]):
     return native_depthwise_conv(x, w)
   return shifted_depthwise_conv(x, w)
+
+
+def _native_runs(x: jax.Array, kernel_size: int) -> bool:
+  """Whether the native kernels take x with a k×k kernel: float32, k odd ≤ 7, on CPU, built."""
+  return (x.dtype == jnp.float32 and kernel_size in _KERNEL_GRADS and jax.default_backend() == "cpu"
+          and available())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,8 +327,8 @@ def depthwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
 # each BN-Swish and for each of their derivatives; the Langevin chain's cells are bound by those
 # passes (experiments/RESULTS.md, issue 10). The backward kernel gives the input gradient from x and
 # the output's cotangent, recomputing the depthwise output rather than keeping it; the gradients of w,
-# a1, b1, a2 and b2 are XLA code, which XLA removes where nothing uses them (a Langevin chain
-# differentiates with respect to ε only).
+# a1, b1, a2 and b2 are autodiff of the unfused cell, which XLA removes where nothing uses them (a
+# Langevin chain differentiates with respect to ε only).
 # ----------------------------------------------------------------------------------------------
 
 # Channels per vector on the widest CPU the kernel is built for (AVX-512); the kernel needs C to be a
@@ -317,27 +336,17 @@ def depthwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
 _CELL_CHANNEL_MULTIPLE = 16
 
 
-def _plain_swish(z):
-  return z * jax.nn.sigmoid(z)
-
-
-def _swish_grad(z):
-  s = jax.nn.sigmoid(z)
-  return s * (1 + z * (1 - s))
-
-
 def reference_dwcell(x: jax.Array, w: jax.Array, a1, b1, a2, b2) -> jax.Array:
   """What the fused kernel computes, in XLA code: swish(a2 · dw(swish(a1 · x + b1), w) + b2)."""
-  return _plain_swish(a2 * shifted_depthwise_conv(_plain_swish(a1 * x + b1), w) + b2)
+  return jax.nn.swish(a2 * shifted_depthwise_conv(jax.nn.swish(a1 * x + b1), w) + b2)
 
 
 def dwcell_supported(x: jax.Array, kernel_size: int) -> bool:
-  """Whether the models use `native_dwcell` on x with a k×k kernel: float32 on the CPU, the kernel built,
-  k odd ≤ 7, C a multiple of 16, and not turned off with `VAEBM_JAX_FUSED_CELLS=0` (read when a function is
-  traced; for comparisons)."""
-  return (os.environ.get("VAEBM_JAX_FUSED_CELLS", "1") != "0" and x.dtype == jnp.float32
-          and kernel_size in _KERNEL_GRADS and x.shape[-1] % _CELL_CHANNEL_MULTIPLE == 0
-          and jax.default_backend() == "cpu" and available())
+  """Whether the models use `native_dwcell` on x with a k×k kernel: where the native kernels run
+  (`_native_runs`), C a multiple of 16, and not turned off with `VAEBM_JAX_FUSED_CELLS=0` (read when a
+  function is traced; for comparisons)."""
+  return (os.environ.get("VAEBM_JAX_FUSED_CELLS", "1") != "0" and x.shape[-1] % _CELL_CHANNEL_MULTIPLE == 0
+          and _native_runs(x, kernel_size))
 
 
 def _cell_forward_call(x, w, a1, b1, a2, b2):
@@ -350,50 +359,19 @@ def _cell_backward_call(x, gy, w, wf, a1, b1, a2, b2):
   return jax.ffi.ffi_call(_CELL_BWD, jax.ShapeDtypeStruct(x.shape, x.dtype))(x, gy, w, wf, a1, b1, a2, b2)
 
 
-def _image_partition(images: int, params: int):
-  """custom_partitioning rule of a call whose first `images` operands and result are (B, H, W, C) images,
-  split over the batch as they come, and whose other `params` operands are replicated."""
-  def partition(mesh, args, result):
-    batch = _batch_sharded(mesh, _batch_axes(args[0].sharding))
-    fn = _cell_forward_call if images == 1 else _cell_backward_call
-    return mesh, fn, batch, (batch,) * images + (NamedSharding(mesh, P()),) * params
-  return partition
-
-
-def _image_sharding(mesh, args, result):
-  return _batch_sharded(mesh, _batch_axes(args[0].sharding))
-
-
 _cell_forward = custom_partitioning(_cell_forward_call)
-_cell_forward.def_partition(infer_sharding_from_operands=_image_sharding, partition=_image_partition(1, 5),
+_cell_forward.def_partition(infer_sharding_from_operands=_image_sharding,
+                            partition=_image_partition(_cell_forward_call, 1),
                             sharding_rule="b h w c, i j c, c, c, c, c -> b h w c")
 _cell_backward = custom_partitioning(_cell_backward_call)
-_cell_backward.def_partition(infer_sharding_from_operands=_image_sharding, partition=_image_partition(2, 6),
+_cell_backward.def_partition(infer_sharding_from_operands=_image_sharding,
+                             partition=_image_partition(_cell_backward_call, 2),
                              sharding_rule="b h w c, b h w c, i j c, i j c, c, c, c, c -> b h w c")
 
 
 def _cell_input_grad(x, gy, w, wf, a1, b1, a2, b2):
-  """What the backward kernel computes, in XLA code."""
-  z1 = a1 * x + b1
-  gd = gy * a2 * _swish_grad(a2 * shifted_depthwise_conv(_plain_swish(z1), w) + b2)
-  return shifted_depthwise_conv(gd, wf) * a1 * _swish_grad(z1)
-
-
-# Under `jax.vmap` the mapped axis folds into the batch where only the image operands are mapped; a
-# mapped kernel or BN runs the XLA code instead.
-
-
-def _fold_vmap(call, reference, images: int):
-  def rule(axis_size, in_batched, *args):
-    imgs = [a if mapped else jnp.broadcast_to(a, (axis_size,) + a.shape)
-            for a, mapped in zip(args[:images], in_batched[:images], strict=True)]
-    if not any(in_batched[images:]):
-      out = call(*(a.reshape((-1,) + a.shape[2:]) for a in imgs), *args[images:])
-      return out.reshape(imgs[0].shape), True
-    params = [a if mapped else jnp.broadcast_to(a, (axis_size,) + a.shape)
-              for a, mapped in zip(args[images:], in_batched[images:], strict=True)]
-    return jax.vmap(reference)(*imgs, *params), True
-  return rule
+  """What the backward kernel computes, in XLA code (wf, the flipped w, is the kernel's operand only)."""
+  return jax.vjp(lambda x: reference_dwcell(x, w, a1, b1, a2, b2), x)[1](gy)[0]
 
 
 @jax.custom_batching.custom_vmap
@@ -427,18 +405,13 @@ def _dwcell_fwd(x, w, a1, b1, a2, b2):
 
 def _dwcell_bwd(res, gy):
   x, w, a1, b1, a2, b2 = res
-  wf = w[::-1, ::-1]
-  gx = _cell_backward_mapped(x, gy, w, wf, a1, b1, a2, b2)
-  # The parameters' gradients, in XLA code (dead, and removed by XLA, where nothing uses them).
-  axes = tuple(range(x.ndim - 1))
-  z1 = a1 * x + b1
-  t = _plain_swish(z1)
-  d = _forward_mapped(t, w)
-  gz2 = gy * _swish_grad(a2 * d + b2)
-  gd = gz2 * a2
-  gz1 = _forward_mapped(gd, wf) * _swish_grad(z1)
-  return (gx, _kernel_grad_mapped(t, gd, w), jnp.sum(gz1 * x, axis=axes), jnp.sum(gz1, axis=axes),
-          jnp.sum(gz2 * d, axis=axes), jnp.sum(gz2, axis=axes))
+  gx = _cell_backward_mapped(x, gy, w, w[::-1, ::-1], a1, b1, a2, b2)
+  # The parameters' gradients: autodiff of the unfused cell (on the plain native kernel), which XLA
+  # removes as dead code where nothing uses them.
+  def unfused(w, a1, b1, a2, b2):
+    return jax.nn.swish(a2 * native_depthwise_conv(jax.nn.swish(a1 * x + b1), w) + b2)
+
+  return (gx,) + jax.vjp(unfused, w, a1, b1, a2, b2)[1](gy)
 
 
 native_dwcell.defvjp(_dwcell_fwd, _dwcell_bwd)

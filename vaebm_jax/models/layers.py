@@ -410,7 +410,6 @@ class InvertedResidual(nn.Module):
   expansion: int = 6
   kernel_size: int = 5
   conv_impl: str = "auto"
-  fuse_eval: bool = True  # eval mode on CPU: the native BN-Swish-depthwise-BN-Swish kernel where it runs
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -435,7 +434,7 @@ class InvertedResidual(nn.Module):
     return BatchNorm(name="bn_out")(x, use_running_average=ura)
 
   def _fused_middle(self, x: jax.Array) -> bool:
-    return (self.fuse_eval and abs(self.stride) == 1 and resolve_conv_impl(self.conv_impl) == "fast_cpu"
+    return (abs(self.stride) == 1 and resolve_conv_impl(self.conv_impl) == "fast_cpu"
             and depthwise.dwcell_supported(x, self.kernel_size))
 
 

@@ -68,9 +68,23 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, Fn fn) {
 
 constexpr int kBlock = 4;  // output pixels per register block
 
+// acc[t] += sum_j x[(t + j) * stride] * kv[j] for the Block neighbouring output pixels t of one kernel
+// row: K + Block - 1 loads of x feed K * Block multiply-adds, all in registers.
+template <int K, int Block>
+__attribute__((always_inline)) inline void AccumulateRow(const float* x, int64_t stride, const Vec (&kv)[K],
+                                                      Vec (&acc)[Block]) {
+#pragma GCC unroll 16
+  for (int u = 0; u < K + Block - 1; ++u) {
+    const Vec xv = Load(x + u * stride);
+#pragma GCC unroll 8
+    for (int t = 0; t < Block; ++t) {
+      if (u - t >= 0 && u - t < K) acc[t] += xv * kv[u - t];
+    }
+  }
+}
+
 // y_row[w] (+)= sum_j x_row[w + j - p] * k_row[j] for channels [c0, c0 + kLanes) of one output row
-// and one kernel row; `first` starts the sum. Interior pixels go kBlock at a time: K + kBlock - 1
-// loads of x feed K * kBlock multiply-adds.
+// and one kernel row; `first` starts the sum. Interior pixels go kBlock at a time (AccumulateRow).
 template <int K>
 inline void ForwardRowVec(const float* x_row, const float* k_row, float* y_row, int64_t width, int64_t channels,
                           int64_t c0, bool first) {
@@ -92,15 +106,7 @@ inline void ForwardRowVec(const float* x_row, const float* k_row, float* y_row, 
     Vec acc[kBlock];
 #pragma GCC unroll 8
     for (int t = 0; t < kBlock; ++t) acc[t] = first ? Vec{} : Load(out + t * channels);
-    const float* xc = x_row + (w - P) * channels + c0;
-#pragma GCC unroll 16
-    for (int u = 0; u < K + kBlock - 1; ++u) {
-      const Vec xv = Load(xc + u * channels);
-#pragma GCC unroll 8
-      for (int t = 0; t < kBlock; ++t) {
-        if (u - t >= 0 && u - t < K) acc[t] += xv * kv[u - t];
-      }
-    }
+    AccumulateRow<K, kBlock>(x_row + (w - P) * channels + c0, channels, kv, acc);
 #pragma GCC unroll 8
     for (int t = 0; t < kBlock; ++t) Store(out + t * channels, acc[t]);
   }
@@ -434,15 +440,8 @@ void ConvRow(const float* k, const Ring& ring, int64_t h, int64_t H, int64_t W, 
         Vec kv[K];
 #pragma GCC unroll 8
         for (int j = 0; j < K; ++j) kv[j] = Load(kc + (i * K + j) * C);
-        const float* row = ring.Slot(h + i - P) + w * cc + c0;  // padded: pixel w + j - P is slot pixel w + j
-#pragma GCC unroll 16
-        for (int u = 0; u < K + kCellBlock - 1; ++u) {
-          const Vec xv = Load(row + u * cc);
-#pragma GCC unroll 8
-          for (int t = 0; t < kCellBlock; ++t) {
-            if (u - t >= 0 && u - t < K) acc[t] += xv * kv[u - t];
-          }
-        }
+        // Padded: pixel w + j - P of row h + i - P is pixel w + j of its slot.
+        AccumulateRow<K, kCellBlock>(ring.Slot(h + i - P) + w * cc + c0, cc, kv, acc);
       }
 #pragma GCC unroll 8
       for (int t = 0; t < kCellBlock; ++t) Store(out + (w + t) * cc + c0, acc[t]);
