@@ -152,15 +152,14 @@ def train_step(state: EBMTrainState, batch: jax.Array, key: jax.Array, *, vae, v
                                  "energy_diff": jnp.mean(e_pos) - jnp.mean(e_neg), "spectral_norm": spectral})
 
   (loss, (new_spectral, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_params, new_opt_state = loop.update_if_finite(finite, tx, grads, state.params, state.opt_state)
   keep = lambda new, old: loop.keep_if_finite(finite, new, old)
   buffer = state.buffer
   if buffer is not None:
     buffer = sampling.push_replay_buffer(buffer, eps_z, keep=finite)
-  new_state = EBMTrainState(state.step + 1, keep(new_params, state.params), keep(new_opt_state, state.opt_state),
+  new_state = EBMTrainState(state.step + 1, new_params, new_opt_state,
                             keep(new_spectral, state.spectral), buffer)
   metrics = dict(metrics, loss=loss, grad_norm=grad_norm, chain_energy_first=jnp.mean(chain_energies[0]),
                  chain_energy_last=jnp.mean(chain_energies[-1]), num_replayed=num_replayed.astype(jnp.float32),

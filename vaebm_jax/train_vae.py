@@ -117,16 +117,15 @@ def train_step(state: VAETrainState, batch: jax.Array, key: jax.Array, *, model,
     return loss, aux
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  new_params, new_opt_state = loop.update_if_finite(finite, tx, grads, state.params, state.opt_state)
   keep = lambda new, old: loop.keep_if_finite(finite, new, old)
   new_state = VAETrainState(
       step=state.step + 1,
-      params=keep(new_params, state.params),
+      params=new_params,
       batch_stats=keep(aux["batch_stats"], state.batch_stats),
-      opt_state=keep(new_opt_state, state.opt_state),
+      opt_state=new_opt_state,
       spectral=keep(aux["spectral_state"], state.spectral))
   metrics = dict(aux["metrics"], beta=beta, weight_decay_norm=lam, learning_rate=schedule(state.step),
                  grad_norm=grad_norm, skipped=1.0 - finite.astype(jnp.float32))
