@@ -45,6 +45,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from experiments import common  # noqa: E402
+from vaebm_jax import hostenv  # noqa: E402
 
 
 def _ref(cfg, task, warmup, repeats):
@@ -91,6 +92,10 @@ flags.DEFINE_enum("reference_device", "cpu", ["cpu", "cuda"], "where the referen
 flags.DEFINE_string("reference_python", None, "python with torch for the reference (default $REFBENCH/venv/bin/python)")
 flags.DEFINE_string("refbench", None, "path of refbench.py (default ../shared/refbench/refbench.py)")
 flags.DEFINE_bool("flops", True, "also count our rows' FLOPs with XLA (one more process per row)")
+flags.DEFINE_bool("huge_pages", True, "ours: glibc's malloc on transparent huge pages, as `python -m vaebm_jax.main` "
+                  "runs (vaebm_jax/hostenv.py)")
+flags.DEFINE_bool("reference_huge_pages", False, "give the reference the same GLIBC_TUNABLES (its own runs have it "
+                  "not; batch >= 16 runs it with jemalloc anyway)")
 FLAGS = flags.FLAGS
 
 
@@ -385,7 +390,7 @@ def reference_python(python=None, script=None):
   return (py, os.path.abspath(script), base) if ok else None
 
 
-def run_reference(ref, row, batch, args, device="cpu"):
+def run_reference(ref, row, batch, args, device="cpu", huge_pages=False):
   py, script, base = ref
   env = dict(os.environ, REFBENCH=base)
   if device == "cuda":
@@ -394,11 +399,14 @@ def run_reference(ref, row, batch, args, device="cpu"):
     script = [script]
     if batch >= 16 and os.path.exists(JEMALLOC):
       env.update(LD_PRELOAD=JEMALLOC, MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
+    elif huge_pages:
+      env = hostenv.with_huge_pages(env) or env
   out, rss, wall, foreign = _measure([py, "-W", "ignore", *script, *args, "--batch", str(batch)], env)
   s = out.get("sec_per_step") or out.get("sec_per_iter") or out.get("total_step_s")
   return dict(s_per_step=s["median"], s_per_step_min=s["min"], first_step_s=out.get("first_step_s",
               out.get("first_iter_s")), peak_rss_gb=rss, wall_s=wall, foreign_cpu_frac=foreign,
-              jemalloc="LD_PRELOAD" in env, torch=out.get("torch"), threads=out.get("threads"),
+              jemalloc="LD_PRELOAD" in env, glibc_tunables=env.get("GLIBC_TUNABLES", ""), torch=out.get("torch"),
+              threads=out.get("threads"),
               device=out.get("gpu", "cpu"), peak_gpu_gb=out.get("peak_gpu_gb"))
 
 
@@ -406,8 +414,11 @@ def run_ours(row):
   cmd = [sys.executable, os.path.abspath(__file__), f"--worker={row}", f"--repeats={FLAGS.repeats}",
          f"--chain_steps={FLAGS.chain_steps}", f"--conv_impl={FLAGS.conv_impl}", f"--batch={FLAGS.batch}",
          f"--devices={FLAGS.devices}"] + ([] if FLAGS.remat is None else [f"--remat={FLAGS.remat}"])
-  out, rss, wall, foreign = _measure(cmd)
-  result = dict(out, peak_rss_gb=rss, wall_s=wall, foreign_cpu_frac=foreign)
+  # Ours runs as `python -m vaebm_jax.main` runs it: with glibc's malloc on huge pages (vaebm_jax/hostenv.py).
+  env = hostenv.with_huge_pages(os.environ) if FLAGS.huge_pages else None
+  out, rss, wall, foreign = _measure(cmd, env=env)
+  result = dict(out, peak_rss_gb=rss, wall_s=wall, foreign_cpu_frac=foreign,
+                glibc_tunables=(env or os.environ).get("GLIBC_TUNABLES", ""))
   if row in ROWS and FLAGS.flops:
     result.update(_measure(cmd + ["--count_flops"])[0])
   return result
@@ -470,7 +481,8 @@ def main(_):
     print(f"=== {time.strftime('%H:%M:%S')} {name}", flush=True)
     if ref and ref_args:
       try:
-        row["reference"] = run_reference(ref, name, batch, ref_args, FLAGS.reference_device)
+        row["reference"] = run_reference(ref, name, batch, ref_args, FLAGS.reference_device,
+                                         FLAGS.reference_huge_pages)
       except RuntimeError as e:
         row["reference_error"] = str(e)
     try:

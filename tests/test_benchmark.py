@@ -9,7 +9,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import benchmark  # noqa: E402
+from experiments import benchmark
+from vaebm_jax import hostenv
 
 
 def test_reads_the_json_that_ends_either_side_output():
@@ -38,6 +39,11 @@ def test_reference_runs_from_refbench_with_jemalloc_for_large_batches(tmp_path, 
   assert small["peak_rss_gb"] > 0 and 0.0 <= small["foreign_cpu_frac"] <= 1.0 and not small["jemalloc"]
   large = benchmark.run_reference(ref, "lg_c10_b16", 16, benchmark.ROWS["lg_c10_b16"][-1])
   assert large["jemalloc"] == os.path.exists(benchmark.JEMALLOC)
+  # The reference as its users run it, unless asked to run it with our GLIBC_TUNABLES (vaebm_jax/hostenv.py).
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  assert "hugetlb" not in small["glibc_tunables"]
+  same = benchmark.run_reference(ref, "lg_c10_b4", 4, benchmark.ROWS["lg_c10_b4"][-1], huge_pages=True)
+  assert ("glibc.malloc.hugetlb=1" in same["glibc_tunables"]) == hostenv.huge_pages_available()
 
 
 def test_reference_on_a_gpu_runs_through_the_wrapper_without_jemalloc(tmp_path, monkeypatch):

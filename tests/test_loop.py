@@ -223,7 +223,8 @@ def test_update_if_finite_updates_in_place_and_skips_non_finite_gradients():
   from vaebm_jax import optim
   tx = optim.nvae_optimizer(1e-2)
   rng = np.random.default_rng(0)
-  params = {"a": jnp.asarray(rng.normal(size=(64, 96)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3, 3, 32, 32)), jnp.float32)}
+  params = {"a": jnp.asarray(rng.normal(size=(64, 96)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(3, 3, 32, 32)), jnp.float32)}
   grads = jax.tree.map(lambda p: 0.1 * p + 0.01, params)
   opt_state = tx.init(params)
   opt_state = tx.update(grads, opt_state, params)[1]              # moments that are not zero
@@ -240,5 +241,6 @@ def test_update_if_finite_updates_in_place_and_skips_non_finite_gradients():
   jax.tree.map(np.testing.assert_array_equal, jax.jit(guarded)(params, opt_state, bad), (params, opt_state))
 
   hlo = jax.jit(guarded, donate_argnums=(0, 1)).lower(params, opt_state, grads).compile().as_text()
-  copies = [line for line in hlo.splitlines() if " copy(" in line and ("f32[64,96]" in line or "f32[3,3,32,32]" in line)]
+  copies = [line for line in hlo.splitlines()
+            if " copy(" in line and ("f32[64,96]" in line or "f32[3,3,32,32]" in line)]
   assert not copies, copies
