@@ -138,13 +138,23 @@ def _profiled():
   return jax.profiler.trace(FLAGS.profile, create_perfetto_trace=True) if FLAGS.profile else contextlib.nullcontext()
 
 
+# Minor page faults of the process over the last timed calls: XLA allocates each call's temporaries afresh,
+# so without huge pages (vaebm_jax/hostenv.py) every 4 KB of them faults on every call.
+_FAULTS = {}
+
+
+def _minor_faults():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _time(compiled, args, repeats):
   import jax
-  times = []
+  times, faults = [], _minor_faults()
   for _ in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t0)
+  _FAULTS["per_call"] = (_minor_faults() - faults) / repeats
   return times
 
 
@@ -154,13 +164,14 @@ def _time_steps(compiled, state, *args):
   import jax
   state, metrics = compiled(state, *args, jax.random.key(1))
   jax.block_until_ready(metrics)
-  times = []
+  times, faults = [], _minor_faults()
   for r in range(FLAGS.repeats):
     t0 = time.perf_counter()
     with _profiled() if r == FLAGS.repeats - 1 else contextlib.nullcontext():
       state, metrics = compiled(state, *args, jax.random.key(2 + r))
       jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
+  _FAULTS["per_call"] = (_minor_faults() - faults) / FLAGS.repeats
   return times, metrics, state
 
 
@@ -218,8 +229,8 @@ def ours_langevin(dataset, batch):
   with _profiled():
     times = [t / steps for t in _time(compiled, (jax.random.key(4), params), FLAGS.repeats)]
   return dict(devices=mesh.size, s_per_step=statistics.median(times), s_per_step_min=min(times), compile_s=compile_s,
-              xla_temp_gb=temp_gb,
-              steps_timed=FLAGS.repeats * steps)
+              xla_temp_gb=temp_gb, steps_timed=FLAGS.repeats * steps,
+              minor_faults_per_step=_FAULTS["per_call"] / steps)
 
 
 def ours_ebm(dataset, batch):
@@ -336,6 +347,8 @@ def worker(row):
     result = {"langevin": ours_langevin, "ebm": ours_ebm, "nvae": ours_nvae}[kind](dataset, batch)
     if not FLAGS.count_flops:
       result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+      if kind != "langevin":                 # one step per timed call
+        result["minor_faults_per_step"] = _FAULTS["per_call"]
   device = jax.devices()[0]
   result["device"] = device.device_kind if device.platform != "cpu" else "cpu"
   stats = device.memory_stats() if device.platform != "cpu" else None
