@@ -131,8 +131,6 @@ def _config_error(argv: list[str], error: Exception) -> str:
 
 
 def run():
-  from vaebm_jax import hostenv
-  hostenv.reexec_with_huge_pages()     # before JAX loads: XLA's per-step buffers on huge pages (hostenv.py)
   from vaebm_jax.errors import ONE_LINE_ERRORS, Preempted
   app.define_help_flags()
   try:   # parse up front so that a bad config flag is one line, not a traceback
@@ -158,4 +156,8 @@ def run():
 
 
 if __name__ == "__main__":
+  # As a command only (not when `run` is called in a process of your own): restart once with XLA's per-step
+  # buffers on huge pages, before JAX loads (vaebm_jax/hostenv.py).
+  from vaebm_jax import hostenv
+  hostenv.reexec_with_huge_pages()
   run()
