@@ -47,8 +47,8 @@ def update_if_finite(finite: jax.Array, tx: optax.GradientTransformation, grads:
   A `lax.cond`, not a select of old and new: XLA:CPU emits one pass per output array (parameters and
   each moment), each recomputing what it needs from the old values, so updating in place (donated
   state) made it copy the old parameters and both moments first. The CIFAR-10 NVAE's Adamax step over
-  its 130.7 M parameters took 0.42–0.47 s that way and 0.10–0.11 s inside the cond, which runs only
-  the branch it takes and writes each array in place (experiments/RESULTS.md, issue 10).
+  its 130.7 M parameters took 0.42–0.43 s that way and 0.13 s inside the cond, which runs only the
+  branch it takes and writes each array in place (`experiments/benchmark_optimizer.py`, RESULTS.md).
   """
   def update(operands):
     params, opt_state = operands
