@@ -51,6 +51,9 @@ def test_the_process_restarts_itself_with_the_tunable_and_its_large_blocks_fault
 
   tunables, faults, argv = child()
   assert hostenv.TUNABLE in tunables and argv == "['--flag=1']"     # re-executed once, same arguments
+  with open(hostenv._THP) as f:
+    if "[always]" in f.read():
+      return                        # every large mapping gets huge pages already; the tunable adds nothing
   _, faults_4k, _ = child(**{hostenv.OPT_OUT: "0"})
   assert faults_4k >= 64 * 256 * 0.9                                # one fault per 4-KB page without
   assert faults < faults_4k / 4, (faults, faults_4k)                # 2-MB pages with it
