@@ -6,7 +6,7 @@ blocks) and frees them when the execution ends, so every step touches gigabytes 
 4-KB page faults per CIFAR-10 NVAE training step (3.2 GB of temporaries), with the kernel's fault
 handling and zeroing on every thread's critical path. glibc >= 2.35 madvises its mmapped blocks for
 transparent huge pages when started with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`; the same step then
-takes ~5 k faults, and runs 10-15 % faster (experiments/RESULTS.md, issue 10).
+takes ~2 k faults, and runs 10-15 % faster (experiments/RESULTS.md, issue 10).
 
 A tunable is read once, when the process starts, so `python -m vaebm_jax.main` re-executes itself with
 it (`reexec_with_huge_pages`) before JAX loads; `experiments/benchmark.py` starts its workers with it.
