@@ -20,19 +20,24 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Rematerialise the frozen NVAE's cells in the Langevin gradient: far fewer stored activations for
   # 3-14 % more time (experiments/RESULTS.md, issue 10). Off in every config, as in the reference.
   config.vae_remat_cells = False
+  # Operand dtype of the frozen NVAE's convolutions in stage 2 (whatever stage 1 trained with): float32,
+  # or bfloat16 on GPUs/TPUs, where the sampler stays within float32's tolerance (experiments/RESULTS.md,
+  # tests/test_sampling.py); accumulation, outputs and every log-density stay float32.
+  config.vae_conv_dtype = "float32"
 
   config.data = data = ml_collections.ConfigDict()
   data.name = "cifar10"
   data.data_dir = ml_collections.config_dict.placeholder(str)
   data.random_flip = True
 
-  # EnergyNet(architecture, n_channel, data_init, conv_impl)
+  # EnergyNet(architecture, n_channel, data_init, conv_impl, conv_dtype=...)
   config.ebm = ebm = ml_collections.ConfigDict()
   ebm.architecture = "cifar10"       # block list (VAEBM_SPEC.md §4)
   ebm.n_channel = 128
   ebm.data_init = True
   ebm.data_init_batches = 5          # 5 × 32 = 160 real images
   ebm.conv_impl = "auto"
+  ebm.conv_dtype = "float32"         # or bfloat16 (GPUs/TPUs), as config.vae_conv_dtype
   ebm.num_layers = 3                 # architecture='mlp' only (2-D data): hidden layers of n_channel units
 
   config.train = train = ml_collections.ConfigDict()

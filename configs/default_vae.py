@@ -49,6 +49,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   model.res_dist = True
   model.arch_instance = "res_mbconv"
   model.conv_impl = "auto"          # auto | xla | fast_cpu
+  # Operand dtype of the convolutions: float32, or bfloat16 on GPUs/TPUs (float32 accumulation and
+  # outputs; BN, Swish and the likelihood stay float32; the reference trains NVAE with fp16 autocast)
+  model.conv_dtype = "float32"
   # Rematerialise cells in the backward pass: None = on CPU only (faster there: the NVAE step, issue
   # 10), off elsewhere as in the reference; True/False to choose. With remat_keep_convs the
   # convolutions' outputs are kept and only BN, Swish and SE are recomputed.

@@ -87,6 +87,8 @@ flags.DEFINE_bool("scan_groups", True, "ours, nvae rows: one nn.scan per scale o
                   "(model.scan_groups)")
 flags.DEFINE_string("profile", None, "with --worker: write a jax.profiler trace of the timed steps here")
 flags.DEFINE_string("conv_impl", "auto", "ours: auto | xla | fast_cpu")
+flags.DEFINE_enum("conv_dtype", "float32", ["float32", "bfloat16"], "ours: operand dtype of both networks' "
+                  "convolutions (model.conv_dtype, vae_conv_dtype, ebm.conv_dtype; bfloat16 is for accelerators)")
 flags.DEFINE_enum("reference_device", "cpu", ["cpu", "cuda"], "where the reference runs: cpu (refbench.py as it "
                   "is) or cuda (through experiments/refbench_gpu.py, on a GPU beside ours)")
 flags.DEFINE_string("reference_python", None, "python with torch for the reference (default $REFBENCH/venv/bin/python)")
@@ -185,6 +187,7 @@ def _stage2_models(dataset):
   if FLAGS.remat is not None:
     ebm_cfg.vae_remat_cells = FLAGS.remat
   vae_cfg.model.conv_impl = ebm_cfg.ebm.conv_impl = FLAGS.conv_impl
+  vae_cfg.model.conv_dtype = ebm_cfg.vae_conv_dtype = ebm_cfg.ebm.conv_dtype = FLAGS.conv_dtype
   vae = stage2_vae(train_vae.create_model(vae_cfg).clone(scan_groups=bool(ebm_cfg.get("vae_scan_groups", False))),
                    ebm_cfg)
   x = jnp.zeros((1,) + tuple(vae.image_shape))
@@ -285,7 +288,7 @@ def ours_nvae(dataset, batch):
 
   from vaebm_jax import objectives, parallel, train_vae
   config, _ = common.stage_configs(dataset)
-  config.model.update(conv_impl=FLAGS.conv_impl)
+  config.model.update(conv_impl=FLAGS.conv_impl, conv_dtype=FLAGS.conv_dtype)
   if FLAGS.remat is not None:
     config.model.remat_cells = FLAGS.remat
   batch = batch or config.train.batch_size
@@ -425,12 +428,13 @@ def run_reference(ref, row, batch, args, device="cpu", huge_pages=False):
 
 def run_ours(row):
   cmd = [sys.executable, os.path.abspath(__file__), f"--worker={row}", f"--repeats={FLAGS.repeats}",
-         f"--chain_steps={FLAGS.chain_steps}", f"--conv_impl={FLAGS.conv_impl}", f"--batch={FLAGS.batch}",
+         f"--chain_steps={FLAGS.chain_steps}", f"--conv_impl={FLAGS.conv_impl}", f"--conv_dtype={FLAGS.conv_dtype}",
+         f"--batch={FLAGS.batch}",
          f"--devices={FLAGS.devices}"] + ([] if FLAGS.remat is None else [f"--remat={FLAGS.remat}"])
   # Ours runs as `python -m vaebm_jax.main` runs it: with glibc's malloc on huge pages (vaebm_jax/hostenv.py).
   env = hostenv.with_huge_pages(os.environ) if FLAGS.huge_pages else None
   out, rss, wall, foreign = _measure(cmd, env=env)
-  result = dict(out, peak_rss_gb=rss, wall_s=wall, foreign_cpu_frac=foreign,
+  result = dict(out, peak_rss_gb=rss, wall_s=wall, foreign_cpu_frac=foreign, conv_dtype=FLAGS.conv_dtype,
                 glibc_tunables=(env or os.environ).get("GLIBC_TUNABLES", ""))
   if row in ROWS and FLAGS.flops:
     result.update(_measure(cmd + ["--count_flops"])[0])
@@ -465,7 +469,8 @@ def table(result) -> str:
     else:
       flops = "–"
     foreign = (f"{ref['foreign_cpu_frac']:.0%} / " if ref else "– / ") + f"{o['foreign_cpu_frac']:.0%}"
-    lines.append(f"| {name} | {o.get('batch', r['batch'])} | {ref_s} | {o['s_per_step']:.3f} | {ratio} | "
+    label = name + (" (bf16 convs)" if o.get("conv_dtype", "float32") != "float32" else "")
+    lines.append(f"| {label} | {o.get('batch', r['batch'])} | {ref_s} | {o['s_per_step']:.3f} | {ratio} | "
                  f"{o['compile_s']:.1f} | {mem} | {flops} | {foreign} |")
   return "\n".join(lines)
 

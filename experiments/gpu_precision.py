@@ -4,12 +4,17 @@
 
 XLA on recent GPUs (TF32) and TPUs (bf16 passes) runs float32 convolutions and matmuls at reduced
 precision unless asked otherwise; `sampling.PRECISION` pins the potential and its gradient to float32.
-For each matmul precision in `--precisions` this script sets `sampling.PRECISION` and reports, on the
-golden model of `../shared/reference` (the official code's outputs):
+For each mode in `--modes` — a matmul precision for `sampling.PRECISION` (float32, tensorfloat32,
+bfloat16), or float32 with bf16 operands in the convolutions of both networks (`bf16_networks`), of the
+NVAE only (`bf16_vae`) or of the energy network only (`bf16_ebm`; models.layers.lowp_conv) — it reports,
+on the golden model of `../shared/reference` (the official code's outputs):
 - the relative error ‖ours − official‖/‖official‖ of U, E and ∂U/∂ε (one evaluation), and
 - the relative difference of a `--steps`-step Langevin chain's displacement ε_K − ε₀ and final U from
   the same chain run on the CPU in float32 (same ε₀, same noise: threefry draws the same bits on every
-  backend).
+  backend), and of its final decoded images (the decoder mean) from the CPU's, relative to how far the
+  CPU chain moved them from its start.
+On the CPU itself the modes of matmul precision all run float32 (XLA:CPU has no faster path), while the
+bf16 modes round the operands as on an accelerator: `tests/test_sampling.py` holds their tolerance.
 Prints a Markdown table; `--out` writes the figures as JSON.
 """
 
@@ -27,7 +32,8 @@ flags.DEFINE_string("golden", os.path.join(ROOT, "..", "shared", "reference", "v
                     "reference file")
 flags.DEFINE_integer("steps", 20, "Langevin steps of the chain compared with the CPU's")
 flags.DEFINE_float("step_size", 8e-5, "Langevin step size (CIFAR-10's)")
-flags.DEFINE_list("precisions", ["float32", "tensorfloat32", "bfloat16"], "values of sampling.PRECISION to try")
+flags.DEFINE_list("modes", ["float32", "tensorfloat32", "bfloat16", "bf16_networks", "bf16_vae", "bf16_ebm"],
+                  "values of sampling.PRECISION, or float32 with bf16 convolutions (bf16_networks/_vae/_ebm)")
 flags.DEFINE_string("out", None, "JSON written at the end")
 FLAGS = flags.FLAGS
 
@@ -35,6 +41,17 @@ FLAGS = flags.FLAGS
 def rel(a, b):
   a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# mode → (sampling.PRECISION, the NVAE's conv_dtype, the energy network's conv_dtype)
+BF16_MODES = {"bf16_networks": ("bfloat16", "bfloat16"), "bf16_vae": ("bfloat16", "float32"),
+              "bf16_ebm": ("float32", "bfloat16")}
+
+
+def mode_settings(mode: str) -> tuple[str, str, str]:
+  if mode in BF16_MODES:
+    return ("float32",) + BF16_MODES[mode]
+  return mode, "float32", "float32"
 
 
 def main(_):
@@ -47,17 +64,18 @@ def main(_):
 
   d = np.load(FLAGS.golden)
   base, vv, ev = golden_variables(d)
-  model = base.clone(conv_impl="xla")
-  ebm = EnergyNet("cifar10", int(d["meta/ebm_channels"]), data_init=False, conv_impl="xla")
-  eps = ([nchw_to_nhwc(d[f"in/eps_z/{i}"]) for i in range(model.num_groups)], nchw_to_nhwc(d["in/eps_x"]))
-  official_grad = np.concatenate([np.ravel(nchw_to_nhwc(d[f"out/dU_deps_z/{i}"])) for i in range(model.num_groups)]
+  eps = ([nchw_to_nhwc(d[f"in/eps_z/{i}"]) for i in range(base.num_groups)], nchw_to_nhwc(d["in/eps_x"]))
+  official_grad = np.concatenate([np.ravel(nchw_to_nhwc(d[f"out/dU_deps_z/{i}"])) for i in range(base.num_groups)]
                                  + [np.ravel(nchw_to_nhwc(d["out/dU_deps_x"]))])
   flat = lambda tree: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
 
-  def functions(precision):
-    """Fresh functions per precision: `sampling.PRECISION` is read when jit traces, and jit caches its trace
+  def functions(mode):
+    """Fresh functions per mode: `sampling.PRECISION` is read when jit traces, and jit caches its trace
     per function, so reusing one function would keep the first precision's program."""
+    precision, vae_dtype, ebm_dtype = mode_settings(mode)
     sampling.PRECISION = precision
+    model = base.clone(conv_impl="xla", conv_dtype=vae_dtype)
+    ebm = EnergyNet("cifar10", int(d["meta/ebm_channels"]), data_init=False, conv_impl="xla", conv_dtype=ebm_dtype)
 
     def evaluate(params, e):
       potential = lambda e: sampling.potential_fn(e[0], e[1], params, vae=model, ebm=ebm)
@@ -70,7 +88,9 @@ def main(_):
       potential = lambda e: sampling.potential_fn(e[0], e[1], params, vae=model, ebm=ebm)
       final, energies, _ = sampling.langevin_chain(e, key, potential, num_steps=FLAGS.steps,
                                                    step_size=FLAGS.step_size)
-      return final, energies[-1]
+      with jax.default_matmul_precision(precision):
+        images = model.decode_from_eps(params["vae"], final[0], final[1])["mean"]
+      return final, energies[-1], images
 
     return jax.jit(evaluate), jax.jit(chain)
 
@@ -79,35 +99,47 @@ def main(_):
   params = {"vae": vv, "ebm": ev}
   key = jax.random.key(0)
   with jax.default_device(cpu):                         # the float32 CPU baseline of the chain
-    cpu_final, cpu_u = functions("float32")[1](params, eps, key)
+    cpu_final, cpu_u, cpu_images = functions("float32")[1](params, eps, key)
+    start_images = base.clone(conv_impl="xla").decode_from_eps(vv, eps[0], eps[1])["mean"]
   results = {"device": accel.device_kind, "platform": accel.platform, "jax": jax.__version__, "steps": FLAGS.steps,
              "rows": {}}
-  for precision in FLAGS.precisions:
+  for mode in FLAGS.modes:
     t0 = time.perf_counter()
-    evaluate, chain = functions(precision)
+    evaluate, chain = functions(mode)
     ops = [line for line in evaluate.lower(params, eps).as_text().splitlines()
            if "stablehlo.convolution" in line or "stablehlo.dot_general" in line]
     u, energy, grads = evaluate(params, eps)
-    final, u_last = chain(params, eps, key)
+    final, u_last, images = chain(params, eps, key)
     row = {"U_vs_official": rel(u, d["out/U"]), "E_vs_official": rel(energy, d["out/energy"]),
            "dU_deps_vs_official": rel(flat(grads), official_grad),
+           # the gradient's error as a Langevin step sees it: ‖(η/2)·Δ∇U‖ against the step's noise √η·ξ
+           # (‖ξ‖ ≈ √n): far below 1, the chain's law is that of float32's
+           "drift_error_vs_noise": float(0.5 * np.sqrt(FLAGS.step_size) * np.linalg.norm(flat(grads) - official_grad)
+                                         / np.sqrt(official_grad.size)),
            "chain_eps_vs_cpu": rel(flat(final) - flat(eps), flat(cpu_final) - flat(eps)),
            "chain_U_vs_cpu": rel(u_last, cpu_u),
+           "chain_images_vs_cpu": rel(flat(images) - flat(start_images), flat(cpu_images) - flat(start_images)),
+           "images_max_abs_diff_8bit": float(255 * np.max(np.abs(flat(images) - flat(cpu_images)))),
            "finite": bool(np.all(np.isfinite(flat(final)))), "wall_s": time.perf_counter() - t0,
-           # what the program asks of XLA: convolutions and dots at HIGHEST (float32) precision, of all
+           # what the program asks of XLA: convolutions and dots at HIGHEST (float32) precision, and with
+           # bf16 operands, of all
            "highest_ops": sum("HIGHEST" in line for line in ops),
+           "bf16_ops": sum("xbf16>" in line.rsplit("->", 1)[0] for line in ops),
            "conv_and_dot_ops": len(ops)}
-    results["rows"][precision] = row
-    print(json.dumps({precision: row}), flush=True)
+    results["rows"][mode] = row
+    print(json.dumps({mode: row}), flush=True)
   sampling.PRECISION = "float32"
   lines = [f"Device: {accel.device_kind} ({accel.platform}), jax {jax.__version__}; chain of {FLAGS.steps} steps, "
            f"step size {FLAGS.step_size:g}.", "",
-           "| sampling.PRECISION | U vs official | E vs official | ∂U/∂ε vs official | chain ε_K − ε₀ vs CPU | "
-           "chain U vs CPU | ops at HIGHEST |", "|---|---|---|---|---|---|---|"]
-  for precision, r in results["rows"].items():
-    lines.append(f"| {precision} | {r['U_vs_official']:.1e} | {r['E_vs_official']:.1e} | "
-                 f"{r['dU_deps_vs_official']:.1e} | {r['chain_eps_vs_cpu']:.1e} | {r['chain_U_vs_cpu']:.1e} | "
-                 f"{r['highest_ops']} / {r['conv_and_dot_ops']} |")
+           "| mode | U vs official | E vs official | ∂U/∂ε vs official | (η/2)Δ∇U / noise | chain ε_K − ε₀ vs CPU | "
+           "chain U vs CPU | chain images vs CPU | max image diff (1/255) | ops at HIGHEST | bf16 ops |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for mode, r in results["rows"].items():
+    lines.append(f"| {mode} | {r['U_vs_official']:.1e} | {r['E_vs_official']:.1e} | "
+                 f"{r['dU_deps_vs_official']:.1e} | {r['drift_error_vs_noise']:.1e} | {r['chain_eps_vs_cpu']:.1e} | "
+                 f"{r['chain_U_vs_cpu']:.1e} | {r['chain_images_vs_cpu']:.1e} | {r['images_max_abs_diff_8bit']:.2f} | "
+                 f"{r['highest_ops']} / {r['conv_and_dot_ops']} | "
+                 f"{r['bf16_ops']} |")
   print("\n".join(lines))
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:

@@ -29,6 +29,7 @@ def _cli(*args):
     ("--config.trian.batch_size=8", "has no field 'trian' there; known: cpu_devices, data, eval, guard"),
     ("--config.train.batch_size=eight", "flag --config.train.batch_size=eight: invalid literal for int()"),
     ("--config.guard.enabled=maybe", "--config.guard.enabled=maybe"),
+    ("--config.model.conv_dtype=float16", "--config.model.conv_dtype=float16: must be one of float32, bfloat16"),
 ])
 def test_config_field_errors(flag, expected, tmp_path):
   line = _cli("--config=configs/digits_vae.py", f"--workdir={tmp_path}", flag)

@@ -143,6 +143,35 @@ def test_native_kernel_that_cannot_be_built_warns_and_falls_back(monkeypatch, tm
 def test_conv_impl_rejects_unknown_name():
   with pytest.raises(ValueError, match="conv_impl must be one of"):
     layers.resolve_conv_impl("cudnn")
+  with pytest.raises(ValueError, match="conv_dtype must be one of"):
+    layers.conv_mode("auto", "float16")
+
+
+@pytest.mark.parametrize("name,xs,ws,stride,padding,groups", [CASES[0], CASES[2], CASES[4], CASES[5]],
+                         ids=["dense3x3", "dense3x3_stride2", "pointwise_stride2", "depthwise5x5"])
+def test_bf16_conv_rounds_operands_accumulates_in_float32_and_differentiates_in_bf16(
+    name, xs, ws, stride, padding, groups):
+  """conv_mode(impl, 'bfloat16'): the output is the float32 convolution of the bf16-rounded operands
+  (bf16 products are exact in float32), and the backward pass's convolutions take bf16 operands; its
+  gradients are within bf16 rounding of the float32 ones."""
+  kx, kw, kg = jax.random.split(jax.random.key(2), 3)
+  x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws)
+  mode = layers.conv_mode("auto", "bfloat16")
+  f = functools.partial(layers.conv2d, stride=stride, padding=padding, groups=groups, impl=mode)
+  f32 = functools.partial(layers.conv2d, stride=stride, padding=padding, groups=groups, impl="xla")
+  rounded = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
+  out = jax.jit(f)(x, w)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, f32(rounded(x), rounded(w)), rtol=1e-5, atol=1e-5)
+  assert np.max(np.abs(out - f32(x, w))) > 1e-4                   # and the rounding is really there
+  probe = jax.random.normal(kg, out.shape)
+  grad = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(f(x, w)) * probe), argnums=(0, 1)))
+  exact = jax.grad(lambda x, w: jnp.sum(jnp.sin(f32(x, w)) * probe), argnums=(0, 1))(x, w)
+  for a, b in zip(grad(x, w)[1], exact, strict=True):
+    assert a.dtype == jnp.float32
+    assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 3e-2
+  convs = [line for line in grad.lower(x, w).as_text().splitlines() if "stablehlo.convolution" in line]
+  assert len(convs) == 3 and all(line.rsplit("->", 1)[0].count("xbf16>") == 2 for line in convs), convs
 
 
 def test_autoregressive_flow_cell_is_causal_in_raster_and_channel_order():

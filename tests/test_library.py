@@ -64,3 +64,15 @@ print("ok")
   out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=str(tmp_path),
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_training_modules_import_no_input_pipeline_libraries():
+  """The stage loops' modules (and so experiments/benchmark.py's workers) import without grain,
+  TensorFlow or tfds: accelerator images that lack them (the lent H100's did) can build and time the
+  training steps; those libraries load only where a dataset is built."""
+  code = ("import sys; import vaebm_jax.train_vae, vaebm_jax.train_ebm, vaebm_jax.data; "
+          "print([m for m in ('grain', 'tensorflow', 'tensorflow_datasets') if m in sys.modules])")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -187,6 +187,41 @@ def test_energy_and_potential_match_official_implementation():
   np.testing.assert_allclose(grads[1], nchw_to_nhwc(d["out/dU_deps_x"]), rtol=1e-4, atol=1e-5)
 
 
+def test_bf16_networks_keep_the_sampler_within_float32_tolerance():
+  """conv_dtype='bfloat16' in both networks (for accelerators), on the golden model at CIFAR-10's step
+  size: U stays within 1e-4 of float32; the error of ∇U moves a Langevin step by under 1e-3 of its noise
+  √η·ξ (so the chain's law is float32's); and the images of a short chain from the same ε₀ and noise
+  differ by under half a grey level of 1/255."""
+  d = golden()
+  base, vae_variables, ebm_variables = golden_variables(d)
+  params = {"vae": vae_variables, "ebm": ebm_variables}
+  eps = ([nchw_to_nhwc(d[f"in/eps_z/{i}"]) for i in range(base.num_groups)], nchw_to_nhwc(d["in/eps_x"]))
+  step_size = 8e-5
+  results = {}
+  for dtype in ("float32", "bfloat16"):
+    vae = base.clone(conv_dtype=dtype)
+    ebm = EnergyNet("cifar10", int(d["meta/ebm_channels"]), data_init=False, conv_dtype=dtype)
+    potential = lambda e, vae=vae, ebm=ebm: sampling.potential_fn(e[0], e[1], params, vae=vae, ebm=ebm)
+
+    def run(e, key, vae=vae, potential=potential):
+      grads, u = jax.grad(lambda e: (jnp.sum(potential(e)[0]), potential(e)[0]), has_aux=True)(e)
+      final, _, _ = sampling.langevin_chain(e, key, potential, num_steps=3, step_size=step_size)
+      return u, grads, vae.decode_from_eps(params["vae"], final[0], final[1])["mean"]
+
+    run = jax.jit(run)
+    text = run.lower(eps, jax.random.key(0)).as_text()
+    convs = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+    results[dtype] = run(eps, jax.random.key(0))
+    results[dtype + "_bf16_convs"] = sum("xbf16>" in line.rsplit("->", 1)[0] for line in convs) / len(convs)
+  assert results["float32_bf16_convs"] == 0 and results["bfloat16_bf16_convs"] > 0.95   # bf16 really ran
+  (u32, g32, x32), (u16, g16, x16) = results["float32"], results["bfloat16"]
+  np.testing.assert_allclose(u16, u32, rtol=1e-4)
+  g32, g16 = (np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)]) for g in (g32, g16))
+  drift_error = 0.5 * step_size * np.linalg.norm(g16 - g32) / np.sqrt(g32.size)   # per coordinate, as (η/2)∇U
+  assert 0 < drift_error < 1e-3 * np.sqrt(step_size)
+  assert 0 < np.max(np.abs(np.asarray(x16) - np.asarray(x32))) < 0.5 / 255
+
+
 def test_igebm_clip_matches_its_formula():
   lr, wd, b1, b2 = 0.1, 0.01, 0.99, 0.999
   tx = optim.ebm_optimizer(lr, wd, b1, b2)

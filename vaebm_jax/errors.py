@@ -27,4 +27,8 @@ class Preempted(Exception):
     self.signal_name, self.step = signal_name, step
 
 
-ONE_LINE_ERRORS = (DatasetUnavailableError, WorkdirError, CheckpointMismatchError, DivergenceError)
+class ConfigValueError(ValueError):
+  """A config field holds a value outside its choices; the message names the field and the choices."""
+
+
+ONE_LINE_ERRORS = (DatasetUnavailableError, WorkdirError, CheckpointMismatchError, DivergenceError, ConfigValueError)

@@ -53,6 +53,8 @@ def main(argv):
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   mode = FLAGS.mode or {"vae": "train_vae", "ebm": "train_ebm", "vaebm": "vaebm"}[config.stage]
+  from vaebm_jax import workdir as workdir_lib
+  workdir_lib.check_config(config)      # bad choices: one line, before anything is written
 
   if mode == "summary":
     from vaebm_jax import evaluate

@@ -23,8 +23,8 @@ import ml_collections
 from absl import logging
 
 from vaebm_jax import checkpoint
-from vaebm_jax.errors import WorkdirError  # noqa: F401  (also re-exported from here)
-from vaebm_jax.models import mlp, nvae
+from vaebm_jax.errors import ConfigValueError, WorkdirError  # noqa: F401  (also re-exported from here)
+from vaebm_jax.models import layers, mlp, nvae
 from vaebm_jax.models.energy import EnergyNet
 
 STAGE1_RECORD = "stage1.json"
@@ -38,11 +38,43 @@ VAE_MODELS = {"nvae": nvae.NVAE, "mlp_vae": mlp.MLPVAE}
 # ---------------------------------------------------------------------------------------------- models
 
 
+_CONV_CHOICES = {"conv_impl": layers.CONV_IMPLS, "conv_dtype": layers.CONV_DTYPES, "vae_conv_dtype": layers.CONV_DTYPES}
+
+
+def check_conv_settings(section: ml_collections.ConfigDict, prefix: str,
+                        keys: tuple[str, ...] = ("conv_impl", "conv_dtype")) -> None:
+  """Raises ConfigValueError (one line on the command line) for a convolution setting outside its choices."""
+  for key in keys:
+    if key in section and section[key] not in _CONV_CHOICES[key]:
+      raise ConfigValueError(f"--config.{prefix}{key}={section[key]}: must be one of {', '.join(_CONV_CHOICES[key])}")
+
+
+def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+  """The choices of a stage-1, stage-2 or two-stage config's convolution settings, checked before a run
+  writes anything (ConfigValueError)."""
+  stage = config.get("stage")
+  dtypes = [config.get("model", {}).get("conv_dtype"), config.get("vae_conv_dtype"), config.get("ebm", {}).get("conv_dtype")]
+  if "bfloat16" in dtypes and jax.default_backend() == "cpu":
+    logging.warning("conv_dtype bfloat16 is meant for GPUs and TPUs: XLA:CPU emulates bf16 convolutions, many "
+                    "times slower than float32")
+  if stage == "vaebm":
+    check_config(config.vae, "vae.")
+    check_config(config.ebm, "ebm.")
+  elif stage == "vae" and config.get("model_type", "nvae") == "nvae":
+    check_conv_settings(config.model, prefix + "model.")
+  elif stage == "ebm":
+    check_conv_settings(config, prefix, keys=("vae_conv_dtype",))
+    if config.ebm.architecture != "mlp":
+      check_conv_settings(config.ebm, prefix + "ebm.")
+
+
 def create_vae(config: ml_collections.ConfigDict):
   """The VAE of a stage-1 config: `VAE_MODELS[config.model_type](**config.model)` (NVAE by default)."""
   model_type = config.get("model_type", "nvae")
   if model_type not in VAE_MODELS:
     raise WorkdirError(f"model_type must be one of {sorted(VAE_MODELS)}, got {model_type!r}")
+  if model_type == "nvae":
+    check_conv_settings(config.model, "model.")
   return VAE_MODELS[model_type](**config.model.to_dict())
 
 
@@ -52,7 +84,9 @@ def create_ebm(config: ml_collections.ConfigDict, data_init: Optional[bool] = No
   e = config.ebm
   if e.architecture == "mlp":
     return mlp.MLPEnergy(e.n_channel, e.get("num_layers", 3))
-  return EnergyNet(e.architecture, e.n_channel, e.data_init if data_init is None else data_init, e.conv_impl)
+  check_conv_settings(e, "ebm.")
+  return EnergyNet(e.architecture, e.n_channel, e.data_init if data_init is None else data_init, e.conv_impl,
+                   conv_dtype=e.get("conv_dtype", "float32"))
 
 
 def sampling_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -174,14 +208,17 @@ def read_stage1_record(workdir: str) -> Optional[dict[str, Any]]:
 
 
 def stage2_vae(vae, config: ml_collections.ConfigDict):
-  """The NVAE as stage 2 runs it: whole cells rematerialised exactly when `config.vae_remat_cells` is set.
+  """The NVAE as stage 2 runs it: whole cells rematerialised exactly when `config.vae_remat_cells` is set,
+  convolutions with `config.vae_conv_dtype` operands (float32 by default).
 
   Stage 2 decides, whatever stage 1 trained with: on CPU, remat speeds up stage 1's scanned groups but
   slows the Langevin gradient through the unscanned NVAE, so stage 2 uses it for memory only, and then
   recomputes whole cells (experiments/RESULTS.md, issue 10). Same parameters and results."""
   if not isinstance(vae, nvae.NVAE):
     return vae
-  return vae.clone(remat_cells=bool(config.get("vae_remat_cells")), remat_keep_convs=False)
+  check_conv_settings(config, "", keys=("vae_conv_dtype",))
+  return vae.clone(remat_cells=bool(config.get("vae_remat_cells")), remat_keep_convs=False,
+                   conv_dtype=config.get("vae_conv_dtype", "float32"))
 
 
 def load_stage1_of(workdir: str, config: ml_collections.ConfigDict):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grain
 import numpy as np
 from PIL import Image
 
@@ -16,6 +15,9 @@ POINT_DATASETS = ("gaussians25",)      # vectors (N, 2), not images
 KNOWN = ("cifar10", "celeba64", "lsun_church64", "celebahq256", "fashion_mnist", "digits", "stacked_digits") + \
     POINT_DATASETS
 GRAYSCALE = ("fashion_mnist", "digits")
+
+if TYPE_CHECKING:
+  import grain   # imported where a pipeline is built: the training steps (benchmarks, accelerator images) need none
 
 
 def image_channels(name: str) -> int:
@@ -98,6 +100,7 @@ class ImageDataset:
 def _rows_of_process(ds: grain.MapDataset, global_batch_size: int, process_index: int,
                      process_count: int) -> grain.MapDataset:
   """Element j of this process is row j % b of its share (b rows) of global batch j // b."""
+  import grain
   b = global_batch_size // process_count
   if process_count == 1:
     return ds
@@ -138,6 +141,7 @@ def create_dataset(name: str, split: str, *, image_size: int | None = None, imag
     source = sources.tfds_source(name, tfds_split, data_dir)
   num_examples = len(source)
 
+  import grain
   ds = grain.MapDataset.source(source)
   if train:
     # Shuffle, repeat and augment by *global* example index, then give each process its rows of every

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vaebm_jax.models.layers import Conv2D, swish, torch_uniform_init
+from vaebm_jax.models.layers import Conv2D, conv_mode, swish, torch_uniform_init
 
 # Block lists in units of n_channel: (channel multiple, downsample).
 ARCHITECTURES = {
@@ -57,14 +57,16 @@ class EnergyNet(nn.Module):
   data_init: bool = True
   conv_impl: str = "auto"
   blocks: Sequence = None   # optional explicit ((multiple, downsample), ...) overriding `architecture`
+  conv_dtype: str = "float32"  # operand dtype of the convolutions (models.layers.conv_mode); the head is float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     blocks = self.blocks if self.blocks is not None else ARCHITECTURES[self.architecture]
-    out = lip_swish(Conv2D(self.n_channel, 3, use_bias=True, data_init=self.data_init, conv_impl=self.conv_impl,
+    impl = conv_mode(self.conv_impl, self.conv_dtype)
+    out = lip_swish(Conv2D(self.n_channel, 3, use_bias=True, data_init=self.data_init, conv_impl=impl,
                            name="conv1")(x))
     for i, (multiple, down) in enumerate(blocks):
-      out = ResBlock(multiple * self.n_channel, down, self.data_init, self.conv_impl, name=f"blocks_{i}")(out)
+      out = ResBlock(multiple * self.n_channel, down, self.data_init, impl, name=f"blocks_{i}")(out)
     out = jnp.sum(out, axis=(1, 2))                     # global spatial sum, not mean
     c = out.shape[-1]
     return nn.Dense(1, kernel_init=torch_uniform_init(c), bias_init=torch_uniform_init(c), name="linear")(out)[:, 0]

@@ -5,6 +5,12 @@ Convolutions are the one place where the backend matters: XLA:CPU runs depthwise
 convolution written as a matrix product beats it; depthwise convolutions on CPU have their own
 module (`depthwise.py`: a native kernel, and XLA code where it cannot be built). `conv2d` owns that
 choice; every module goes through it, and tests check that every implementation gives the same numbers.
+
+The convolutions' operands can also be bfloat16 (`conv_mode(impl, 'bfloat16')`, the NVAE's and the energy
+network's `conv_dtype`): for accelerators, where bf16 matrix units are several times faster than float32.
+Both operands are rounded to bf16, the products accumulate in float32 and the output is float32, so every
+other layer (BatchNorm, Swish, SE, the log-densities built on the outputs) stays float32; the backward
+pass's convolutions take bf16 operands too (`lowp_conv`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 from vaebm_jax.models import depthwise
 
 CONV_IMPLS = ("auto", "xla", "fast_cpu")
+CONV_DTYPES = ("float32", "bfloat16")
 BN_EPS = 1e-5
 # PyTorch momentum 0.05 == running = 0.95 * running + 0.05 * batch.
 BN_TORCH_MOMENTUM = 0.05
@@ -36,10 +43,34 @@ def resolve_remat(remat: Optional[bool]) -> bool:
   return jax.default_backend() == "cpu" if remat is None else bool(remat)
 
 
-def resolve_conv_impl(impl: str) -> str:
-  """Maps 'auto' to the implementation that is fastest on the default backend."""
+def conv_mode(impl: str, dtype: str = "float32") -> str:
+  """The `conv_impl` string that modules pass down to `conv2d`: the implementation, and ':bfloat16' when
+  the operands are bf16 (the top-level modules take the two as separate fields)."""
+  _check_mode(impl, dtype)
+  return impl if dtype == "float32" else f"{impl}:{dtype}"
+
+
+def split_conv_mode(mode: str) -> tuple[str, str]:
+  """(implementation, operand dtype) of a `conv_mode` string."""
+  impl, _, dtype = mode.partition(":")
+  dtype = dtype or "float32"
+  _check_mode(impl, dtype)
+  return impl, dtype
+
+
+def _check_mode(impl: str, dtype: str) -> None:
   if impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+  if dtype not in CONV_DTYPES:
+    raise ValueError(f"conv_dtype must be one of {CONV_DTYPES}, got {dtype!r}")
+
+
+def resolve_conv_impl(mode: str) -> str:
+  """Maps 'auto' to the implementation that is fastest on the default backend. Convolutions with bf16
+  operands always take 'xla' (the CPU kernels of 'fast_cpu' are float32 only)."""
+  impl, dtype = split_conv_mode(mode)
+  if dtype != "float32":
+    return "xla"
   if impl == "auto":
     return "fast_cpu" if jax.default_backend() == "cpu" else "xla"
   return impl
@@ -113,6 +144,41 @@ def _pointwise_bwd(res, g):
 pointwise_conv.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
+# ----------------------------------------------------------------------------------------------
+# Convolution with low-precision operands. Autodiff of a bf16 convolution with a float32 output
+# (`preferred_element_type`) runs its transposes on float32 operands, i.e. the backward pass (two
+# thirds of a Langevin step) at float32 speed; here the backward convolutions take the bf16 residuals
+# and the cotangent rounded to bf16, as mixed-precision training does, and return float32.
+# ----------------------------------------------------------------------------------------------
+
+
+def _lax_conv(x, w, stride, padding, groups, out_dtype=None):
+  return jax.lax.conv_general_dilated(
+      x, w, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups, preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def lowp_conv(x: jax.Array, w: jax.Array, stride: int, padding: int, groups: int, dtype: str) -> jax.Array:
+  """Float32 x and HWIO w rounded to `dtype`, convolved with float32 accumulation; float32 output."""
+  return _lax_conv(x.astype(dtype), w.astype(dtype), stride, padding, groups, jnp.float32)
+
+
+def _lowp_fwd(x, w, stride, padding, groups, dtype):
+  xl, wl = x.astype(dtype), w.astype(dtype)
+  return _lax_conv(xl, wl, stride, padding, groups, jnp.float32), (xl, wl)
+
+
+def _lowp_bwd(stride, padding, groups, dtype, res, g):
+  xl, wl = res
+  _, vjp = jax.vjp(lambda a, b: _lax_conv(a, b, stride, padding, groups), xl, wl)
+  dx, dw = vjp(g.astype(dtype))
+  return dx.astype(jnp.float32), dw.astype(jnp.float32)
+
+
+lowp_conv.defvjp(_lowp_fwd, _lowp_bwd)
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
            groups: int = 1, impl: str = "auto") -> jax.Array:
   """2-D convolution in NHWC with an HWIO kernel, PyTorch padding semantics.
@@ -125,15 +191,17 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
     groups: 1 (dense) or C_in (depthwise).
     impl: 'xla' (lax.conv_general_dilated), 'fast_cpu' (1×1 as matmul, depthwise through
       `depthwise.depthwise_conv`, dense stride-1 convs with an im2col kernel gradient) or 'auto'
-      (fast_cpu on CPU, xla elsewhere).
+      (fast_cpu on CPU, xla elsewhere); with ':bfloat16' appended (`conv_mode`), `lowp_conv`.
   Returns:
     (B, H', W', C_out).
   """
   return checkpoint_name(_conv2d(x, kernel, stride, padding, groups, impl), CONV_OUTPUT)
 
 
-def _conv2d(x, kernel, stride, padding, groups, impl):
-  impl = resolve_conv_impl(impl)
+def _conv2d(x, kernel, stride, padding, groups, mode):
+  impl, dtype = resolve_conv_impl(mode), split_conv_mode(mode)[1]
+  if dtype != "float32":
+    return lowp_conv(x, kernel, stride, padding, groups, dtype)
   k = kernel.shape[0]
   if impl == "fast_cpu":
     if k == 1 and groups == 1 and padding == 0:
@@ -142,9 +210,7 @@ def _conv2d(x, kernel, stride, padding, groups, impl):
       return depthwise.depthwise_conv(x, kernel[:, :, 0, :])
     if groups == 1 and k > 1 and stride == 1 and padding == (k - 1) // 2:
       return dense_conv_same(x, kernel)
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(stride, stride), padding=((padding, padding), (padding, padding)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+  return _lax_conv(x, kernel, stride, padding, groups)
 
 
 # ----------------------------------------------------------------------------------------------

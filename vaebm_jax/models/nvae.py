@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from vaebm_jax.models import distributions
-from vaebm_jax.models.layers import ARCH_CELLS, CONV_OUTPUT, Cell, Conv2D, resolve_remat
+from vaebm_jax.models.layers import ARCH_CELLS, CONV_OUTPUT, Cell, Conv2D, conv_mode, resolve_remat
 
 CHANNEL_MULT = 2
 
@@ -267,6 +267,9 @@ class NVAE(nn.Module):
   res_dist: bool = True
   arch_instance: str = "res_mbconv"
   conv_impl: str = "auto"
+  # Operand dtype of every convolution: 'float32', or 'bfloat16' for accelerators (float32 accumulation
+  # and outputs; BN, Swish, SE and all log-densities stay float32; models.layers.lowp_conv).
+  conv_dtype: str = "float32"
   # Rematerialise cells in the backward pass: True, False, or None (on where it was measured faster,
   # i.e. on CPU; off elsewhere, the reference's setting). With `remat_keep_convs` the convolutions'
   # outputs are kept and only BN, Swish and SE are recomputed (stage 1 on CPU: faster than both other
@@ -320,7 +323,7 @@ class NVAE(nn.Module):
       raise ValueError(f"image_size {self.image_size} must be divisible by 2^(num_preprocess_blocks + "
                        f"num_latent_scales - 1)")
     arch = ARCH_CELLS[self.arch_instance]
-    impl = self.conv_impl
+    impl = conv_mode(self.conv_impl, self.conv_dtype)
     cell_cls = _cell_class(self.remat_mode())
 
     def cell(features, cell_type):
