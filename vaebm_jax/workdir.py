@@ -53,7 +53,8 @@ def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> None:
   """The choices of a stage-1, stage-2 or two-stage config's convolution settings, checked before a run
   writes anything (ConfigValueError)."""
   stage = config.get("stage")
-  dtypes = [config.get("model", {}).get("conv_dtype"), config.get("vae_conv_dtype"), config.get("ebm", {}).get("conv_dtype")]
+  dtypes = [config.get("model", {}).get("conv_dtype"), config.get("vae_conv_dtype"),
+            config.get("ebm", {}).get("conv_dtype")]
   if "bfloat16" in dtypes and jax.default_backend() == "cpu":
     logging.warning("conv_dtype bfloat16 is meant for GPUs and TPUs: XLA:CPU emulates bf16 convolutions, many "
                     "times slower than float32")

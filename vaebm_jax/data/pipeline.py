@@ -16,8 +16,9 @@ KNOWN = ("cifar10", "celeba64", "lsun_church64", "celebahq256", "fashion_mnist",
     POINT_DATASETS
 GRAYSCALE = ("fashion_mnist", "digits")
 
+# grain is imported where a pipeline is built: the training steps (benchmarks, accelerator images) need none.
 if TYPE_CHECKING:
-  import grain   # imported where a pipeline is built: the training steps (benchmarks, accelerator images) need none
+  import grain
 
 
 def image_channels(name: str) -> int:
