@@ -92,7 +92,13 @@ def main(_):
         images = model.decode_from_eps(params["vae"], final[0], final[1])["mean"]
       return final, energies[-1], images
 
-    return jax.jit(evaluate), jax.jit(chain)
+    def cd_grad(ebm_params, x_pos, x_neg):
+      """∂/∂ψ of the contrastive loss mean E(x⁺) − mean E(x⁻) (stage 2's, without its regulariser)."""
+      loss = lambda p: jnp.mean(ebm.apply(p, x_pos)) - jnp.mean(ebm.apply(p, x_neg))
+      with jax.default_matmul_precision(precision):
+        return jax.grad(loss)(ebm_params)
+
+    return jax.jit(evaluate), jax.jit(chain), jax.jit(cd_grad)
 
   accel = jax.devices()[0]
   cpu = jax.devices("cpu")[0]
@@ -101,15 +107,20 @@ def main(_):
   with jax.default_device(cpu):                         # the float32 CPU baseline of the chain
     cpu_final, cpu_u, cpu_images = functions("float32")[1](params, eps, key)
     start_images = base.clone(conv_impl="xla").decode_from_eps(vv, eps[0], eps[1])["mean"]
+  x_pos = nchw_to_nhwc(d["in/x_data"])
+  x_neg = jnp.clip(x_pos + 0.1 * jax.random.normal(jax.random.key(1), x_pos.shape), 0.0, 1.0)
+  cd_reference = None
   results = {"device": accel.device_kind, "platform": accel.platform, "jax": jax.__version__, "steps": FLAGS.steps,
              "rows": {}}
   for mode in FLAGS.modes:
     t0 = time.perf_counter()
-    evaluate, chain = functions(mode)
+    evaluate, chain, cd_grad = functions(mode)
     ops = [line for line in evaluate.lower(params, eps).as_text().splitlines()
            if "stablehlo.convolution" in line or "stablehlo.dot_general" in line]
     u, energy, grads = evaluate(params, eps)
     final, u_last, images = chain(params, eps, key)
+    cd = flat(cd_grad(ev, x_pos, x_neg))
+    cd_reference = cd if cd_reference is None else cd_reference     # the first mode's (float32) on this device
     row = {"U_vs_official": rel(u, d["out/U"]), "E_vs_official": rel(energy, d["out/energy"]),
            "dU_deps_vs_official": rel(flat(grads), official_grad),
            # the gradient's error as a Langevin step sees it: ‖(η/2)·Δ∇U‖ against the step's noise √η·ξ
@@ -120,6 +131,9 @@ def main(_):
            "chain_U_vs_cpu": rel(u_last, cpu_u),
            "chain_images_vs_cpu": rel(flat(images) - flat(start_images), flat(cpu_images) - flat(start_images)),
            "images_max_abs_diff_8bit": float(255 * np.max(np.abs(flat(images) - flat(cpu_images)))),
+           # stage 2's training signal: the contrastive loss's gradient w.r.t. the energy network's weights
+           # (golden images against noised copies), against the first mode's on this device
+           "cd_grad_vs_first_mode": rel(cd, cd_reference),
            "finite": bool(np.all(np.isfinite(flat(final)))), "wall_s": time.perf_counter() - t0,
            # what the program asks of XLA: convolutions and dots at HIGHEST (float32) precision, and with
            # bf16 operands, of all
@@ -132,12 +146,13 @@ def main(_):
   lines = [f"Device: {accel.device_kind} ({accel.platform}), jax {jax.__version__}; chain of {FLAGS.steps} steps, "
            f"step size {FLAGS.step_size:g}.", "",
            "| mode | U vs official | E vs official | ∂U/∂ε vs official | (η/2)Δ∇U / noise | chain ε_K − ε₀ vs CPU | "
-           "chain U vs CPU | chain images vs CPU | max image diff (1/255) | ops at HIGHEST | bf16 ops |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "chain U vs CPU | chain images vs CPU | max image diff (1/255) | CD ∂/∂ψ vs first mode | ops at HIGHEST | "
+           "bf16 ops |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for mode, r in results["rows"].items():
     lines.append(f"| {mode} | {r['U_vs_official']:.1e} | {r['E_vs_official']:.1e} | "
                  f"{r['dU_deps_vs_official']:.1e} | {r['drift_error_vs_noise']:.1e} | {r['chain_eps_vs_cpu']:.1e} | "
                  f"{r['chain_U_vs_cpu']:.1e} | {r['chain_images_vs_cpu']:.1e} | {r['images_max_abs_diff_8bit']:.2f} | "
+                 f"{r['cd_grad_vs_first_mode']:.1e} | "
                  f"{r['highest_ops']} / {r['conv_and_dot_ops']} | "
                  f"{r['bf16_ops']} |")
   print("\n".join(lines))
