@@ -187,6 +187,7 @@ def test_energy_and_potential_match_official_implementation():
   np.testing.assert_allclose(grads[1], nchw_to_nhwc(d["out/dU_deps_x"]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow     # ~25 s: four compiles of the golden model
 def test_bf16_networks_keep_the_sampler_within_float32_tolerance():
   """conv_dtype='bfloat16' in both networks (for accelerators), on the golden model at CIFAR-10's step
   size: U stays within 1e-4 of float32; the error of ∇U moves a Langevin step by under 1e-3 of its noise
