@@ -429,7 +429,7 @@ def run_reference(ref, row, batch, args, device="cpu", huge_pages=False):
 def run_ours(row):
   cmd = [sys.executable, os.path.abspath(__file__), f"--worker={row}", f"--repeats={FLAGS.repeats}",
          f"--chain_steps={FLAGS.chain_steps}", f"--conv_impl={FLAGS.conv_impl}", f"--conv_dtype={FLAGS.conv_dtype}",
-         f"--batch={FLAGS.batch}",
+         f"--batch={FLAGS.batch}", f"--scan_groups={FLAGS.scan_groups}",
          f"--devices={FLAGS.devices}"] + ([] if FLAGS.remat is None else [f"--remat={FLAGS.remat}"])
   # Ours runs as `python -m vaebm_jax.main` runs it: with glibc's malloc on huge pages (vaebm_jax/hostenv.py).
   env = hostenv.with_huge_pages(os.environ) if FLAGS.huge_pages else None
