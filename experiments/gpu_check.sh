@@ -21,6 +21,14 @@
 # next. Environment: OUT, CARRY (.devcarry), PY (python3), ROWS, BF16_ROWS, PRECISION_MODES, PRECISION_S (200),
 # WARM_S (240), BENCH_S (230), BF16_S (130), MEMORY_S (240 each), REF_DEVICE (cuda),
 # STAGES ('precision warm benchmark bf16').
+#
+# Planning a lease (H100, 2026-11-27): a machine starts in ~35 s; precision takes ~110 s for three modes;
+# in `warm`, with eight compiles at once, a Langevin or NVAE row compiled in 67-108 s but the CIFAR-10 EBM
+# rows took over 180 s; a worker of ours whose programs are cached still takes ~50 s of wall (start, JAX,
+# random weights for the 130 M-parameter NVAE, tracing, timed steps); a reference row 15-28 s. So one
+# 15-minute lease holds `precision warm benchmark bf16` for about three rows each, with WARM_S=300.
+# Still to measure (RESULTS.md): ebm_c10_b4 ours beside the reference in one call, bf16 for ebm/nvae rows,
+# and precision.json's "compiled convs with bf16 operands" (does XLA:GPU convolve in bf16 forward?).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 CARRY=${CARRY:-.devcarry}
