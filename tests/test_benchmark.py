@@ -100,3 +100,20 @@ def test_unknown_row_is_one_line(capsys):
   out = subprocess.run([sys.executable, benchmark.__file__, "--rows=lg_c10_b5"], capture_output=True, text=True)
   assert out.returncode == 1 and out.stderr.strip().splitlines() == [
       f"error: unknown rows ['lg_c10_b5']; choose from {', '.join(benchmark.ROWS)}"]
+
+
+def test_our_worker_gets_every_setting_of_the_command(monkeypatch):
+  """The parent's flags that change our program reach the worker process (--scan_groups once did not)."""
+  from absl.testing import flagsaver
+  if not benchmark.FLAGS.is_parsed():
+    benchmark.FLAGS.mark_as_parsed()
+  seen = []
+  monkeypatch.setattr(benchmark, "_measure", lambda cmd, env=None: (seen.append(cmd) or {}, 1.0, 2.0, 0.0))
+  with flagsaver.flagsaver(scan_groups=False, conv_dtype="bfloat16", conv_impl="xla", remat=True, flops=False,
+                           chain_steps=3, batch=2, devices=1):
+    result = benchmark.run_ours("nvae_c10_b4")
+  (cmd,) = seen
+  for flag in ("--worker=nvae_c10_b4", "--scan_groups=False", "--conv_dtype=bfloat16", "--conv_impl=xla",
+               "--remat=True", "--chain_steps=3", "--batch=2", "--devices=1"):
+    assert flag in cmd, (flag, cmd)
+  assert result["conv_dtype"] == "bfloat16"
