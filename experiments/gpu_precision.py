@@ -12,9 +12,13 @@ on the golden model of `../shared/reference` (the official code's outputs):
 - the relative difference of a `--steps`-step Langevin chain's displacement ε_K − ε₀ and final U from
   the same chain run on the CPU in float32 (same ε₀, same noise: threefry draws the same bits on every
   backend), and of its final decoded images (the decoder mean) from the CPU's, relative to how far the
-  CPU chain moved them from its start.
+  CPU chain moved them from its start;
+- the error of ∂U/∂ε as a Langevin step sees it, ‖(η/2)·Δ∇U‖ against the step's noise √η·ξ;
+- the gradient of stage 2's contrastive loss w.r.t. the energy network against the first mode's;
+- how many of the compiled program's convolutions read bf16 operands (XLA may keep some in float32).
 On the CPU itself the modes of matmul precision all run float32 (XLA:CPU has no faster path), while the
-bf16 modes round the operands as on an accelerator: `tests/test_sampling.py` holds their tolerance.
+bf16 modes round every operand to bf16 and accumulate in float32: `tests/test_sampling.py` holds their
+tolerance.
 Prints a Markdown table; `--out` writes the figures as JSON.
 """
 
