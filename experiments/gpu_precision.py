@@ -38,6 +38,8 @@ flags.DEFINE_integer("steps", 20, "Langevin steps of the chain compared with the
 flags.DEFINE_float("step_size", 8e-5, "Langevin step size (CIFAR-10's)")
 flags.DEFINE_list("modes", ["float32", "tensorfloat32", "bfloat16", "bf16_networks", "bf16_vae", "bf16_ebm"],
                   "values of sampling.PRECISION, or float32 with bf16 convolutions (bf16_networks/_vae/_ebm)")
+flags.DEFINE_string("pretrained", "stacked_digits", "also compare sample_fn's images with bf16 networks against "
+                    "float32 on this bundled trained model (vaebm_jax/pretrained; '' to skip)")
 flags.DEFINE_string("out", None, "JSON written at the end")
 FLAGS = flags.FLAGS
 
@@ -56,6 +58,33 @@ def compiled_convolutions(hlo: str) -> dict:
   operands = [line.split("convolution(" if " convolution(" in line else "custom-call(", 1)[1].split(")", 1)[0]
               for line in convs]
   return {"compiled_convs": len(convs), "compiled_bf16_convs": sum("bf16[" in o for o in operands)}
+
+
+def pretrained_images(name: str, num_samples: int = 16) -> dict:
+  """`sample_fn`'s images with bf16 networks against float32's, same key, on a bundled trained model: after
+  0 Langevin steps (the decoder alone) and after the model's own number of steps; in 8-bit grey levels."""
+  import functools
+
+  import jax
+
+  from vaebm_jax import load_vaebm, sample_fn, sampling, workdir
+  vae, ebm, params, settings = load_vaebm(workdir.pretrained(name))
+  out = {"model": name, "num_samples": num_samples}
+  for steps in (0, settings["num_steps"]):
+    images = {}
+    for dtype in ("float32", "bfloat16"):
+      draw = functools.partial(sample_fn, vae=vae.clone(conv_dtype=dtype), ebm=ebm.clone(conv_dtype=dtype),
+                               num_samples=num_samples, **dict(settings, num_steps=steps))
+      images[dtype] = np.asarray(jax.jit(draw)(jax.random.key(0), params))
+    diff = 255 * np.abs(images["bfloat16"] - images["float32"])
+    out[f"steps_{steps}"] = {"max_8bit": float(diff.max()), "mean_8bit": float(diff.mean())}
+  # what sample_fn's float32 final decode avoids: the decoder mean of the same ε with bf16 convolutions
+  decode = lambda dtype: np.clip(np.asarray(jax.jit(functools.partial(
+      sampling.vae_samples, vae=vae.clone(conv_dtype=dtype), num_samples=num_samples))(
+          jax.random.key(0), params["vae"])), 0, 1)
+  diff = 255 * np.abs(decode("bfloat16") - decode("float32"))
+  out["bf16_decoder_alone"] = {"max_8bit": float(diff.max()), "mean_8bit": float(diff.mean())}
+  return out
 
 
 # mode → (sampling.PRECISION, the NVAE's conv_dtype, the energy network's conv_dtype)
@@ -163,6 +192,9 @@ def main(_):
     results["rows"][mode] = row
     print(json.dumps({mode: row}), flush=True)
   sampling.PRECISION = "float32"
+  if FLAGS.pretrained:
+    results["pretrained"] = pretrained_images(FLAGS.pretrained)
+    print(json.dumps({"pretrained": results["pretrained"]}), flush=True)
   lines = [f"Device: {accel.device_kind} ({accel.platform}), jax {jax.__version__}; chain of {FLAGS.steps} steps, "
            f"step size {FLAGS.step_size:g}.", "",
            "| mode | U vs official | E vs official | ∂U/∂ε vs official | (η/2)Δ∇U / noise | chain ε_K − ε₀ vs CPU | "
@@ -175,6 +207,12 @@ def main(_):
                  f"{r['cd_grad_vs_first_mode']:.1e} | "
                  f"{r['highest_ops']} / {r['conv_and_dot_ops']} | "
                  f"{r['bf16_ops']} | {r['compiled_bf16_convs']} / {r['compiled_convs']} |")
+  if FLAGS.pretrained:
+    p = results["pretrained"]
+    lines += ["", f"sample_fn on the bundled {p['model']} model, bf16 networks against float32 (same key, "
+              f"{p['num_samples']} samples, images decoded in float32): "
+              + "; ".join(f"{k.replace('_', ' ')}: max {v['max_8bit']:.2f}, mean {v['mean_8bit']:.3f} grey levels"
+                          for k, v in p.items() if isinstance(v, dict))]
   print("\n".join(lines))
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:

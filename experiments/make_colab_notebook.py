@@ -160,7 +160,13 @@ trained with (Langevin steps, step size, potential, temperature). `sample_fn` is
 `(key, params)`: jit it with the modules bound, and the `num_samples` chains are split across all
 devices (a multiple of the device count). The same key with `num_steps=0` gives the VAE samples the
 chains start from, so each VAEBM sample on the right is the refinement of the VAE sample at the same
-place on the left."""
+place on the left.
+
+The sampler pins its log-densities to float32 (on a TPU, several bf16 passes per product). For larger
+models on a TPU or GPU, `vae = vae.clone(conv_dtype="bfloat16")` and `ebm = ebm.clone(conv_dtype="bfloat16")`
+give the networks' convolutions bf16 operands with float32 accumulation, everything else staying
+float32; the sampler stays within float32's tolerance (measured on the CPU and an H100:
+`experiments/RESULTS.md`). On a CPU it is slower, so the cell below keeps float32."""
 
 SAMPLE = '''\
 import functools

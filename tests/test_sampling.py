@@ -223,6 +223,18 @@ def test_bf16_networks_keep_the_sampler_within_float32_tolerance():
   assert 0 < np.max(np.abs(np.asarray(x16) - np.asarray(x32))) < 0.5 / 255
 
 
+def test_sample_fn_with_bf16_networks_returns_images_decoded_in_float32(tiny):
+  """With conv_dtype='bfloat16' the chain runs bf16 convolutions, but the returned images are decoded in
+  float32: with no Langevin step they are float32's exactly, and after steps they differ (the chain did
+  run in bf16)."""
+  vae, ebm, params = tiny
+  draw = lambda v, e, steps: jax.jit(functools.partial(
+      sampling.sample_fn, vae=v, ebm=e, num_samples=4, num_steps=steps, step_size=1e-2))(jax.random.key(0), params)
+  low = vae.clone(conv_dtype="bfloat16"), ebm.clone(conv_dtype="bfloat16")
+  np.testing.assert_array_equal(draw(*low, 0), draw(vae, ebm, 0))
+  assert not np.array_equal(draw(*low, 2), draw(vae, ebm, 2))
+
+
 def test_igebm_clip_matches_its_formula():
   lr, wd, b1, b2 = 0.1, 0.01, 0.99, 0.999
   tx = optim.ebm_optimizer(lr, wd, b1, b2)

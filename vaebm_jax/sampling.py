@@ -188,7 +188,9 @@ def sample_fn(key: jax.Array, params: Any, *, vae: ReparameterizedVAE, ebm: nn.M
   `jax.jit(functools.partial(sample_fn, vae=..., ebm=..., num_samples=..., num_steps=..., step_size=...))`.
   The chains are split across all devices of `mesh`: a `num_samples` that does not divide by the device
   count is padded with extra chains that are dropped at the end. A key gives the same samples whatever
-  the number of devices. The log-densities run at float32 matmul precision (`PRECISION`).
+  the number of devices. The log-densities run at float32 matmul precision (`PRECISION`). With networks of
+  `conv_dtype='bfloat16'` (accelerators) the chain's convolutions take bf16 operands, and the returned
+  images are decoded with float32 convolutions.
 
   Args:
     key: PRNG key.
@@ -237,7 +239,7 @@ def sample_fn(key: jax.Array, params: Any, *, vae: ReparameterizedVAE, ebm: nn.M
                                           temperature=temperature)
     (eps_z, eps_x), energies, ebm_energies = chain(eps, potential=potential_of)
     with jax.default_matmul_precision(PRECISION):
-      images = vae.decode_from_eps(params["vae"], eps_z, eps_x, temperature)["mean"][:num_samples]
+      images = _float32_convs(vae).decode_from_eps(params["vae"], eps_z, eps_x, temperature)["mean"][:num_samples]
     if return_eps:
       extras["eps_z"], extras["eps_x"] = [e[:num_samples] for e in eps_z], eps_x[:num_samples]
   else:
@@ -254,6 +256,16 @@ def sample_fn(key: jax.Array, params: Any, *, vae: ReparameterizedVAE, ebm: nn.M
   if return_energies:
     extras["energies"], extras["ebm_energies"] = energies[:, :num_samples], ebm_energies[:, :num_samples]
   return (images, extras) if (return_eps or return_energies) else images
+
+
+def _float32_convs(vae: ReparameterizedVAE) -> ReparameterizedVAE:
+  """The VAE with float32 convolutions: the final decode of `sample_fn`. With `conv_dtype='bfloat16'` the
+  chain's steps (nearly all the time) run in bf16, but the images it returns are decoded in float32, so
+  that they carry no bf16 rounding of their own (0.2 of a grey level on average, up to 2.1, on the
+  bundled stacked-digits model; experiments/gpu_precision.py, RESULTS.md)."""
+  if getattr(vae, "conv_dtype", "float32") == "float32" or not hasattr(vae, "clone"):
+    return vae
+  return vae.clone(conv_dtype="float32")
 
 
 def _check_init_eps(init, vae: ReparameterizedVAE, num_samples: int):
