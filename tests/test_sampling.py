@@ -223,6 +223,7 @@ def test_bf16_networks_keep_the_sampler_within_float32_tolerance():
   assert 0 < np.max(np.abs(np.asarray(x16) - np.asarray(x32))) < 0.5 / 255
 
 
+@pytest.mark.slow     # ~12 s: four compiles
 def test_sample_fn_with_bf16_networks_returns_images_decoded_in_float32(tiny):
   """With conv_dtype='bfloat16' the chain runs bf16 convolutions, but the returned images are decoded in
   float32: with no Langevin step they are float32's exactly, and after steps they differ (the chain did
