@@ -78,6 +78,31 @@ def test_spectral_state_keeps_the_reference_layout():
   np.testing.assert_allclose(penalty0, np.einsum("nr,nrc,nc->", u, w, v), rtol=1e-5)
 
 
+def test_spectral_penalty_in_cache_sized_chunks_matches_the_whole_stack(monkeypatch):
+  """Stacks larger than `_CHUNK_BYTES` are iterated a few matrices at a time, the last chunk overlapping
+  the one before when the stack does not divide: u, v, σ and σ's gradient (u vᵀ, u and v fixed) as when
+  the whole stack is iterated at once."""
+  key = jax.random.key(5)
+  stacked = jax.random.normal(key, (7, 3, 3, 4, 6))              # 7 matrices of 36 × 6: chunks 3, 3, 1(+2)
+  single = jax.random.normal(jax.random.fold_in(key, 1), (1, 1, 6, 5))
+  sown = {"a": {"kernel": (stacked,)}, "b": {"kernel": (single,)}}
+  state = objectives.init_spectral_state(jax.random.key(2), sown, num_iter=2)
+
+  def run():
+    (penalty, new), grads = jax.value_and_grad(
+        lambda s: objectives.spectral_norm_penalty(s, state, num_iter=4), has_aux=True)(sown)
+    return penalty, new, grads
+
+  whole = run()
+  monkeypatch.setattr(objectives, "_CHUNK_BYTES", 3 * 36 * 6 * 4)
+  chunked = run()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), whole, chunked)
+  # σ's gradient is v uᵀ for each matrix (kernel layout (k·k·C_in, C_out)): the fixed vectors' outer product
+  u, v = chunked[1]["6x36"]["u"][:7], objectives._to_ours(chunked[1]["6x36"]["v"][:7], 3, 4)
+  np.testing.assert_allclose(chunked[2]["a"]["kernel"][0].reshape(7, 36, 6), np.einsum("gk,go->gko", v, u),
+                             rtol=1e-5, atol=1e-7)
+
+
 def test_torch_adamax_formula():
   """u = max(β₂u, |g| + eps); θ -= lr/(1 − β₁^t) · m/u, with coupled weight decay."""
   tx = optim.nvae_optimizer(0.1, weight_decay=0.01, eps=1e-3)

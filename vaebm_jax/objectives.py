@@ -4,6 +4,7 @@ BN-γ regularisers (VAEBM_SPEC.md §5.6). Pure functions over arrays and pytrees
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -120,17 +121,65 @@ def _join_state(matrices, uvs) -> dict[str, dict[str, jax.Array]]:
   return {shape: {"u": jnp.concatenate(us[shape]), "v": jnp.concatenate(vs[shape])} for shape in us}
 
 
-def _power_iterate(matrices, uvs, num_iter: int) -> list[tuple[jax.Array, jax.Array]]:
-  """`num_iter` power iterations of every matrix stack (held fixed), all in one loop."""
-  ws = [jax.lax.stop_gradient(m) for _, m, _, _ in matrices]
+# The iterations run matrix by matrix, a few matrices (≤ _CHUNK_BYTES) at a time, so that each chunk's
+# 2·num_iter matrix-vector products after the first read it from cache: iterating over the whole stack
+# at once, as the reference does, reads every weight from memory 2·num_iter + 1 times per step (0.52 GB
+# each time in the CIFAR-10 NVAE). σ = vᵀWu is formed in the same pass, and its gradient u vᵀ is written
+# directly (`_iterate_and_sigma`'s VJP).
+_CHUNK_BYTES = 8 << 20
 
-  def body(_, uvs):
-    out = []
-    for w, (u, v) in zip(ws, uvs, strict=True):
-      v = _normalize(jnp.einsum("gko,go->gk", w, u))       # the reference's v ← normalize(uᵀW)
-      out.append((_normalize(jnp.einsum("gko,gk->go", w, v)), v))
-    return out
-  return jax.lax.fori_loop(0, num_iter, body, list(uvs))
+
+def _power_iterate_one(w: jax.Array, u: jax.Array, v: jax.Array, num_iter: int):
+  """One matrix w (K, O) as the kernel lies in memory: v ← normalize(W u), u ← normalize(Wᵀ v), i.e. the
+  reference's v ← normalize(uᵀW), u ← normalize(W v) on its transposed matrix; then σ = vᵀ W u."""
+  def body(_, uv):
+    u, v = uv
+    v = _normalize(w @ u)
+    return _normalize(v @ w), v
+  u, v = jax.lax.fori_loop(0, num_iter, body, (u, v))
+  return v @ (w @ u), u, v
+
+
+def _iterate_stack(w: jax.Array, u: jax.Array, v: jax.Array, num_iter: int):
+  """(σ (G,), u (G, O), v (G, K)) of a stack w (G, K, O), chunk by chunk."""
+  w = jax.lax.stop_gradient(w)
+  one = jax.vmap(functools.partial(_power_iterate_one, num_iter=num_iter))
+  g = w.shape[0]
+  chunk = min(g, max(1, _CHUNK_BYTES // (w.shape[1] * w.shape[2] * w.dtype.itemsize)))
+  if chunk == g:
+    return one(w, u, v)
+
+  def body(i, out):
+    # The last chunk starts at g − chunk and may redo a few matrices of the one before: same inputs,
+    # same values. Slicing only the chunk copies only it (slicing off a remainder copies the stack).
+    start = jnp.minimum(i * chunk, g - chunk)
+    res = one(*(jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in (w, u, v)))
+    return tuple(jax.lax.dynamic_update_slice_in_dim(o, r, start, 0) for o, r in zip(out, res, strict=True))
+  return jax.lax.fori_loop(0, -(-g // chunk), body, (jnp.zeros((g,), w.dtype), jnp.zeros_like(u), jnp.zeros_like(v)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _iterate_and_sigma(w: jax.Array, u: jax.Array, v: jax.Array, num_iter: int):
+  return _iterate_stack(w, u, v, num_iter)
+
+
+def _iterate_and_sigma_fwd(w, u, v, num_iter):
+  sigma, u, v = _iterate_stack(w, u, v, num_iter)
+  return (sigma, u, v), (u, v)
+
+
+def _iterate_and_sigma_bwd(num_iter, res, cotangents):
+  u, v = res
+  g_sigma = cotangents[0]
+  return (g_sigma[:, None, None] * v[:, :, None] * u[:, None, :], jnp.zeros_like(u), jnp.zeros_like(v))
+
+
+_iterate_and_sigma.defvjp(_iterate_and_sigma_fwd, _iterate_and_sigma_bwd)
+
+
+def _power_iterate(matrices, uvs, num_iter: int) -> list[tuple[jax.Array, jax.Array]]:
+  """`num_iter` power iterations of every matrix stack (held fixed)."""
+  return [_iterate_stack(m, u, v, num_iter)[1:] for (_, m, _, _), (u, v) in zip(matrices, uvs, strict=True)]
 
 
 def init_spectral_state(key: jax.Array, normalized_weights: Mapping[str, Any], num_iter: int = 40):
@@ -160,10 +209,11 @@ def spectral_norm_penalty(normalized_weights: Mapping[str, Any], state: Mapping[
   Returns (penalty, new_state). σ is differentiable in W; u and v are held fixed.
   """
   matrices = _weight_matrices(normalized_weights)
-  uvs = _power_iterate(matrices, _split_state(matrices, state), num_iter)
-  total = 0.0
-  for (_, m, _, _), (u, v) in zip(matrices, uvs, strict=True):
-    total = total + jnp.sum(jnp.einsum("gk,gko,go->g", v, m, u))
+  total, uvs = 0.0, []
+  for (_, m, _, _), (u, v) in zip(matrices, _split_state(matrices, state), strict=True):
+    sigma, u, v = _iterate_and_sigma(m, u, v, num_iter)
+    total = total + jnp.sum(sigma)
+    uvs.append((u, v))
   return total, _join_state(matrices, uvs)
 
 
