@@ -29,9 +29,9 @@
 # 15-minute lease holds `precision warm benchmark bf16` for about three rows each, with WARM_S=300.
 # Still to measure (RESULTS.md): ebm_c10_b4 ours beside the reference in one call, bf16 for ebm/nvae rows,
 # and precision.json's "compiled convs with bf16 operands" (does XLA:GPU convolve in bf16 forward?).
-# The next lease, one call of ~9 minutes (precision ~50 s beside a 4-compile warm stage, then two rows
+# The next lease, one call of ~9 minutes (precision ~80 s beside a 4-compile warm stage, then two rows
 # with the reference, ~150 s, and the same two in bf16, ~100 s), with `carry` [".devcarry"], timeout_s 600:
-#   STAGES="precision warm benchmark bf16" PRECISION_MODES=bf16_networks ROWS=ebm_c10_b4,nvae_c10_b4 \
+#   STAGES="precision warm benchmark bf16" PRECISION_MODES=float32,bf16_networks ROWS=ebm_c10_b4,nvae_c10_b4 \
 #     BF16_ROWS=ebm_c10_b4,nvae_c10_b4 PRECISION_S=120 WARM_S=240 BENCH_S=200 BF16_S=120 \
 #     bash experiments/gpu_check.sh
 set -u
