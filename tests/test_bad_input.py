@@ -62,3 +62,22 @@ def test_out_of_memory_names_the_knobs(monkeypatch, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: out of memory (RESOURCE_EXHAUSTED")
   assert "--config.train.batch_size" in err[0] and "remat_cells" in err[0]
+
+
+def test_check_config_names_the_sub_config_and_warns_once_about_bf16_on_cpu(monkeypatch):
+  from configs import digits_vaebm
+  from vaebm_jax import workdir as workdir_lib
+  from vaebm_jax.errors import ConfigValueError
+  warnings = []
+  monkeypatch.setattr(workdir_lib.logging, "warning", lambda msg, *args: warnings.append(msg))
+  config = digits_vaebm.get_config()
+  workdir_lib.check_config(config)
+  assert warnings == []
+  config.vae.model.conv_dtype = "bfloat16"
+  config.ebm.vae_conv_dtype = "bfloat16"
+  config.ebm.ebm.conv_dtype = "bfloat16"
+  workdir_lib.check_config(config)
+  assert len(warnings) == 1 and "bfloat16 is meant for GPUs" in warnings[0]
+  config.ebm.ebm.conv_dtype = "float16"
+  with pytest.raises(ConfigValueError, match=r"^--config\.ebm\.ebm\.conv_dtype=float16: must be one of"):
+    workdir_lib.check_config(config)

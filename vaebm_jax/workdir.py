@@ -52,22 +52,28 @@ def check_conv_settings(section: ml_collections.ConfigDict, prefix: str,
 def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> None:
   """The choices of a stage-1, stage-2 or two-stage config's convolution settings, checked by `main` before a
   run writes anything (ConfigValueError, one line). Modules built in code of your own check the same values
-  themselves (`models.layers.conv_mode`: a ValueError when they are set up)."""
-  stage = config.get("stage")
-  dtypes = [config.get("model", {}).get("conv_dtype"), config.get("vae_conv_dtype"),
-            config.get("ebm", {}).get("conv_dtype")]
-  if "bfloat16" in dtypes and jax.default_backend() == "cpu":
+  themselves (`models.layers.conv_mode`: a ValueError when they are set up). One warning where a
+  stage asks for bf16 convolutions on a CPU (both stages of a two-stage config: still one)."""
+  if _check_stage_config(config, prefix) and jax.default_backend() == "cpu":
     logging.warning("conv_dtype bfloat16 is meant for GPUs and TPUs: XLA:CPU emulates bf16 convolutions, many "
                     "times slower than float32")
+
+
+def _check_stage_config(config: ml_collections.ConfigDict, prefix: str) -> bool:
+  """Raises for a bad choice; returns whether any network of `config` has bf16 convolutions."""
+  stage = config.get("stage")
   if stage == "vaebm":
-    check_config(config.vae, "vae.")
-    check_config(config.ebm, "ebm.")
-  elif stage == "vae" and config.get("model_type", "nvae") == "nvae":
+    uses_vae = _check_stage_config(config.vae, prefix + "vae.")
+    return _check_stage_config(config.ebm, prefix + "ebm.") or uses_vae
+  if stage == "vae" and config.get("model_type", "nvae") == "nvae":
     check_conv_settings(config.model, prefix + "model.")
   elif stage == "ebm":
     check_conv_settings(config, prefix, keys=("vae_conv_dtype",))
     if config.ebm.architecture != "mlp":
       check_conv_settings(config.ebm, prefix + "ebm.")
+  dtypes = [config.get("model", {}).get("conv_dtype"), config.get("vae_conv_dtype"),
+            config.get("ebm", {}).get("conv_dtype")]
+  return "bfloat16" in dtypes
 
 
 def create_vae(config: ml_collections.ConfigDict):
