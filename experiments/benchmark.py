@@ -85,6 +85,10 @@ flags.DEFINE_bool("remat", None, "ours: rematerialise the NVAE's cells in backwa
                   "model.remat_cells for nvae rows, vae_remat_cells for the others)")
 flags.DEFINE_bool("scan_groups", True, "ours, nvae rows: one nn.scan per scale over the latent groups "
                   "(model.scan_groups)")
+flags.DEFINE_string("compare_options", None, "with --worker: also compile the row's program with these XLA options "
+                    "added (a JSON object, e.g. '{\"xla_cpu_prefer_vector_width\": 512}') and time the two "
+                    "alternately, step by step, in this process; the JSON gets a 'compare' entry. Separate "
+                    "runs drift by ±10 %% on a shared host, which hides a few-percent change")
 flags.DEFINE_string("profile", None, "with --worker: write a jax.profiler trace of the timed steps here")
 flags.DEFINE_string("conv_impl", "auto", "ours: auto | xla | fast_cpu")
 flags.DEFINE_enum("conv_dtype", "float32", ["float32", "bfloat16"], "ours: operand dtype of both networks' "
@@ -143,6 +147,7 @@ def _profiled():
 # Minor page faults of the process over the last timed calls: XLA allocates each call's temporaries afresh,
 # so without huge pages (vaebm_jax/hostenv.py) every 4 KB of them faults on every call.
 _FAULTS = {}
+_COMPARE = {}      # --compare_options: the second program's timings
 
 
 def _minor_faults():
@@ -160,10 +165,87 @@ def _time(compiled, args, repeats):
   return times
 
 
-def _time_steps(compiled, state, *args):
-  """One warm-up step, then `--repeats` timed steps of `compiled(state, *args, key)`, the last one profiled
-  with `--profile`. Returns (times, last metrics, final state)."""
+def _compile(make_jit, base_options, *args):
+  """(compiled program, compile seconds, the program with --compare_options added or None): `make_jit(options)`
+  is the row's `jax.jit` with those compiler options, lowered with `args`."""
+  t0 = time.perf_counter()
+  compiled = make_jit(base_options).lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  if not FLAGS.compare_options:
+    return compiled, compile_s, None
+  extra = _compare_options()
+  _COMPARE["options"] = extra
+  return compiled, compile_s, make_jit(dict(base_options or {}, **extra)).lower(*args).compile()
+
+
+def _compare_options() -> dict:
+  """--compare_options as a dict; a UsageError (before anything compiles) where it cannot be used."""
+  if FLAGS.profile:
+    raise app.UsageError("--compare_options and --profile: profile one program at a time")
+  try:
+    extra = json.loads(FLAGS.compare_options)
+  except json.JSONDecodeError:
+    extra = None
+  if not isinstance(extra, dict):
+    raise app.UsageError(f"--compare_options must be a JSON object, got {FLAGS.compare_options!r}")
+  return extra
+
+
+def _alternate(run, other, repeats):
+  """Times `run()` and `other()` in turn (which goes first alternates); fills `_COMPARE`, returns run's times."""
+  times, other_times = [], []
+  for r in range(repeats):
+    for which in ((run, times), (other, other_times))[:: 1 if r % 2 == 0 else -1]:
+      t0 = time.perf_counter()
+      which[0]()
+      which[1].append(time.perf_counter() - t0)
+  _COMPARE.update(s_per_step=statistics.median(other_times), s_per_step_min=min(other_times), times=other_times,
+                  base_times=times, faster_pairs=sum(b < a for a, b in zip(times, other_times, strict=True)),
+                  ratio=statistics.median(other_times) / statistics.median(times))
+  return times
+
+
+def _time_compared(compiled, other, args, repeats, scale=1.0):
+  """`_time`, or with --compare_options both programs alternately (times divided by `scale`)."""
   import jax
+  if other is None:
+    return [t / scale for t in _time(compiled, args, repeats)]
+  jax.block_until_ready(other(*args))
+  _FAULTS["per_call"] = float("nan")      # two programs' faults together: not one's
+  times = _alternate(lambda: jax.block_until_ready(compiled(*args)), lambda: jax.block_until_ready(other(*args)),
+                     repeats)
+  for key in ("s_per_step", "s_per_step_min"):
+    _COMPARE[key] /= scale
+  _COMPARE["times"] = [t / scale for t in _COMPARE["times"]]
+  _COMPARE["base_times"] = [t / scale for t in _COMPARE["base_times"]]
+  return [t / scale for t in times]
+
+
+def _time_steps(compiled, state, *args, other=None):
+  """One warm-up step, then `--repeats` timed steps of `compiled(state, *args, key)`, the last one profiled
+  with `--profile`. Returns (times, last metrics, final state). With `other` (--compare_options), it steps
+  a copy of the state in turn with the main program."""
+  import jax
+  if other is not None:
+    import jax.numpy as jnp
+    states = {"main": state, "other": jax.tree.map(jnp.copy, state)}
+    out = {}
+
+    def step(name, program, r):
+      states[name], out[name] = program(states[name], *args, jax.random.key(2 + r))
+      jax.block_until_ready(out[name])
+    step("main", compiled, -1)
+    step("other", other, -1)
+    counter = {"main": 0, "other": 0}
+
+    def timed(name, program):
+      def go():
+        step(name, program, counter[name])
+        counter[name] += 1
+      return go
+    times = _alternate(timed("main", compiled), timed("other", other), FLAGS.repeats)
+    _FAULTS["per_call"] = float("nan")      # two programs' faults together: not one's
+    return times, out["main"], states["main"]
   state, metrics = compiled(state, *args, jax.random.key(1))
   jax.block_until_ready(metrics)
   times, faults = [], _minor_faults()
@@ -223,14 +305,12 @@ def ours_langevin(dataset, batch):
   if FLAGS.count_flops:
     return dict(flops_per_step=_flops(lambda k, p: chain(k, p, 2, 2), jax.random.key(2), params)
                 - _flops(lambda k, p: chain(k, p, 1, 1), jax.random.key(2), params))
-  t0 = time.perf_counter()
-  compiled = jax.jit(chain, compiler_options=parallel.compiler_options_for(vae)).lower(
-      jax.random.key(2), params).compile()
-  compile_s = time.perf_counter() - t0
+  compiled, compile_s, other = _compile(lambda opts: jax.jit(chain, compiler_options=opts),
+                                       parallel.compiler_options_for(vae), jax.random.key(2), params)
   temp_gb = _temp_gb(compiled)
   jax.block_until_ready(compiled(jax.random.key(3), params))
   with _profiled():
-    times = [t / steps for t in _time(compiled, (jax.random.key(4), params), FLAGS.repeats)]
+    times = _time_compared(compiled, other, (jax.random.key(4), params), FLAGS.repeats, scale=steps)
   return dict(devices=mesh.size, s_per_step=statistics.median(times), s_per_step_min=min(times), compile_s=compile_s,
               xla_temp_gb=temp_gb, steps_timed=FLAGS.repeats * steps,
               minor_faults_per_step=_FAULTS["per_call"] / steps)
@@ -268,13 +348,12 @@ def ours_ebm(dataset, batch):
     unrolled = dataclasses.replace(settings, chain=dataclasses.replace(settings.chain, unroll=settings.chain.num_steps))
     return dict(flops_per_step=_flops(lambda s, b, v, k: step(s, b, v, k, unrolled), state, x, vae_variables,
                                       jax.random.key(1)))
-  t0 = time.perf_counter()
-  compiled = jax.jit(step, in_shardings=(repl, sharded, repl, repl), out_shardings=(repl, repl), donate_argnums=0,
-                     compiler_options=parallel.compiler_options_for(vae)).lower(
-                         state, x, vae_variables, jax.random.key(1)).compile()
-  compile_s = time.perf_counter() - t0
+  compiled, compile_s, other = _compile(
+      lambda opts: jax.jit(step, in_shardings=(repl, sharded, repl, repl), out_shardings=(repl, repl),
+                           donate_argnums=0, compiler_options=opts),
+      parallel.compiler_options_for(vae), state, x, vae_variables, jax.random.key(1))
   temp_gb = _temp_gb(compiled)
-  times, metrics, _ = _time_steps(compiled, state, x, vae_variables)
+  times, metrics, _ = _time_steps(compiled, state, x, vae_variables, other=other)
   return dict(devices=mesh.size, batch=batch, langevin_steps=settings.chain.num_steps,
               s_per_step=statistics.median(times), s_per_step_min=min(times), compile_s=compile_s,
               xla_temp_gb=temp_gb, steps_timed=len(times), loss_finite=bool(np.isfinite(float(metrics["loss"]))))
@@ -312,13 +391,12 @@ def ours_nvae(dataset, batch):
                            .astype(np.float32), mesh)
   if FLAGS.count_flops:
     return dict(flops_per_step=_flops(step, state, x, jax.random.key(1)))
-  t0 = time.perf_counter()
-  compiled = jax.jit(step, in_shardings=(repl, sharded, repl), out_shardings=(repl, repl), donate_argnums=0,
-                     compiler_options=parallel.compiler_options_for(model)).lower(
-                         state, x, jax.random.key(1)).compile()
-  compile_s = time.perf_counter() - t0
+  compiled, compile_s, other = _compile(
+      lambda opts: jax.jit(step, in_shardings=(repl, sharded, repl), out_shardings=(repl, repl), donate_argnums=0,
+                           compiler_options=opts),
+      parallel.compiler_options_for(model), state, x, jax.random.key(1))
   temp_gb = _temp_gb(compiled)
-  times, metrics, state = _time_steps(compiled, state, x)
+  times, metrics, state = _time_steps(compiled, state, x, other=other)
   return dict(devices=mesh.size, batch=batch, s_per_step=statistics.median(times), s_per_step_min=min(times),
               compile_s=compile_s, xla_temp_gb=temp_gb, steps_timed=len(times),
               loss_finite=bool(np.isfinite(float(metrics["loss"]))),
@@ -338,6 +416,8 @@ def matmul_peak():
 
 def worker(row):
   kind, dataset, batch, devices, _ = ROWS[row] if row in ROWS else ("matmul", None, 0, 1, None)
+  if FLAGS.compare_options:
+    _compare_options()
   batch, devices = FLAGS.batch or batch, devices if FLAGS.devices == -2 else FLAGS.devices
   import jax
   if devices < 0:                          # the config's own CPU device count, as training uses it
@@ -357,6 +437,8 @@ def worker(row):
   stats = device.memory_stats() if device.platform != "cpu" else None
   if stats and "peak_bytes_in_use" in stats:
     result["peak_device_gb"] = stats["peak_bytes_in_use"] / 1e9
+  if _COMPARE:
+    result["compare"] = _COMPARE
   print(json.dumps(result), flush=True)
 
 

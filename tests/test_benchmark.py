@@ -117,3 +117,22 @@ def test_our_worker_gets_every_setting_of_the_command(monkeypatch):
                "--remat=True", "--chain_steps=3", "--batch=2", "--devices=1"):
     assert flag in cmd, (flag, cmd)
   assert result["conv_dtype"] == "bfloat16"
+
+
+def test_compare_options_alternates_the_two_programs_and_reports_the_second(monkeypatch):
+  clock, order = [0.0], []
+  monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock[0])
+
+  def program(name, costs):
+    def run():
+      order.append(name)
+      clock[0] += costs[len([n for n in order if n == name]) - 1]
+    return run
+  monkeypatch.setattr(benchmark, "_COMPARE", {})
+  times = benchmark._alternate(program("a", [2.0, 2.25, 1.75, 2.5]), program("b", [1.5, 2.5, 1.25, 1.75]), 4)
+  assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]     # who goes first alternates
+  assert times == [2.0, 2.25, 1.75, 2.5]                        # (binary fractions: exact clock arithmetic)
+  out = benchmark._COMPARE
+  assert out["times"] == [1.5, 2.5, 1.25, 1.75] and out["base_times"] == times
+  assert out["faster_pairs"] == 3 and out["s_per_step_min"] == 1.25
+  assert out["s_per_step"] == 1.625 and out["ratio"] == 1.625 / 2.125
