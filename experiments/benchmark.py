@@ -87,8 +87,9 @@ flags.DEFINE_bool("scan_groups", True, "ours, nvae rows: one nn.scan per scale o
                   "(model.scan_groups)")
 flags.DEFINE_string("compare_options", None, "with --worker: also compile the row's program with these XLA options "
                     "added (a JSON object, e.g. '{\"xla_cpu_prefer_vector_width\": 512}') and time the two "
-                    "alternately, step by step, in this process; the JSON gets a 'compare' entry. Separate "
-                    "runs drift by ±10 %% on a shared host, which hides a few-percent change")
+                    "alternately, step by step, in this process; the JSON gets a 'compare' entry (its 'ratio': "
+                    "the second program's median over the first's, < 1 where the options help). Separate "
+                    "runs drift by ±10 % on a shared host, which hides a few-percent change")
 flags.DEFINE_string("profile", None, "with --worker: write a jax.profiler trace of the timed steps here")
 flags.DEFINE_string("conv_impl", "auto", "ours: auto | xla | fast_cpu")
 flags.DEFINE_enum("conv_dtype", "float32", ["float32", "bfloat16"], "ours: operand dtype of both networks' "
