@@ -192,17 +192,19 @@ def _compare_options() -> dict:
   return extra
 
 
-def _alternate(run, other, repeats):
-  """Times `run()` and `other()` in turn (which goes first alternates); fills `_COMPARE`, returns run's times."""
+def _alternate(run, other, repeats, scale=1.0):
+  """Times `run()` and `other()` in turn (which goes first alternates), each time divided by `scale`; fills
+  `_COMPARE`, returns run's times."""
   times, other_times = [], []
   for r in range(repeats):
     for which in ((run, times), (other, other_times))[:: 1 if r % 2 == 0 else -1]:
       t0 = time.perf_counter()
       which[0]()
-      which[1].append(time.perf_counter() - t0)
+      which[1].append((time.perf_counter() - t0) / scale)
   _COMPARE.update(s_per_step=statistics.median(other_times), s_per_step_min=min(other_times), times=other_times,
                   base_times=times, faster_pairs=sum(b < a for a, b in zip(times, other_times, strict=True)),
                   ratio=statistics.median(other_times) / statistics.median(times))
+  _FAULTS["per_call"] = float("nan")      # two programs' faults together: not one's
   return times
 
 
@@ -212,14 +214,8 @@ def _time_compared(compiled, other, args, repeats, scale=1.0):
   if other is None:
     return [t / scale for t in _time(compiled, args, repeats)]
   jax.block_until_ready(other(*args))
-  _FAULTS["per_call"] = float("nan")      # two programs' faults together: not one's
-  times = _alternate(lambda: jax.block_until_ready(compiled(*args)), lambda: jax.block_until_ready(other(*args)),
-                     repeats)
-  for key in ("s_per_step", "s_per_step_min"):
-    _COMPARE[key] /= scale
-  _COMPARE["times"] = [t / scale for t in _COMPARE["times"]]
-  _COMPARE["base_times"] = [t / scale for t in _COMPARE["base_times"]]
-  return [t / scale for t in times]
+  return _alternate(lambda: jax.block_until_ready(compiled(*args)), lambda: jax.block_until_ready(other(*args)),
+                    repeats, scale)
 
 
 def _time_steps(compiled, state, *args, other=None):
@@ -229,24 +225,18 @@ def _time_steps(compiled, state, *args, other=None):
   import jax
   if other is not None:
     import jax.numpy as jnp
-    states = {"main": state, "other": jax.tree.map(jnp.copy, state)}
-    out = {}
+    states, out, calls = {"main": state, "other": jax.tree.map(jnp.copy, state)}, {}, {"main": 0, "other": 0}
 
-    def step(name, program, r):
-      states[name], out[name] = program(states[name], *args, jax.random.key(2 + r))
-      jax.block_until_ready(out[name])
-    step("main", compiled, -1)
-    step("other", other, -1)
-    counter = {"main": 0, "other": 0}
-
-    def timed(name, program):
-      def go():
-        step(name, program, counter[name])
-        counter[name] += 1
-      return go
-    times = _alternate(timed("main", compiled), timed("other", other), FLAGS.repeats)
-    _FAULTS["per_call"] = float("nan")      # two programs' faults together: not one's
-    return times, out["main"], states["main"]
+    def stepper(name, program):     # the keys of the path below: 1 for the warm-up, then 2, 3, …
+      def step():
+        calls[name] += 1
+        states[name], out[name] = program(states[name], *args, jax.random.key(calls[name]))
+        jax.block_until_ready(out[name])
+      return step
+    main, second = stepper("main", compiled), stepper("other", other)
+    main()
+    second()
+    return _alternate(main, second, FLAGS.repeats), out["main"], states["main"]
   state, metrics = compiled(state, *args, jax.random.key(1))
   jax.block_until_ready(metrics)
   times, faults = [], _minor_faults()
